@@ -1,0 +1,52 @@
+//! One entry point per subcommand: turn CLI args into settings once, call the engine.
+//! `anyhow` lives here and in `main` only.
+
+pub mod generate;
+
+use candle_core::{DType, Device};
+
+use crate::cli::ModelArgs;
+
+/// Placeholder exit for subcommands whose issue has not landed yet.
+pub fn not_yet(name: &str) -> anyhow::Result<()> {
+    eprintln!("lab {name}: not yet implemented");
+    std::process::exit(2);
+}
+
+/// The error and its causes on one line.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+/// Device and dtype from `--device` / `--dtype`.
+pub fn device_and_dtype(args: &ModelArgs) -> anyhow::Result<(Device, DType)> {
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        d if d.starts_with("cuda") => {
+            let ordinal = d
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>())
+                .transpose()?
+                .unwrap_or(0);
+            Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!("cannot open {d}: {e} (this binary needs the `cuda` feature and an NVIDIA driver)")
+            })?
+        }
+        other => anyhow::bail!("unknown --device {other} (use cpu, cuda or cuda:N)"),
+    };
+    let dtype = match args.dtype.as_deref() {
+        None if device.is_cuda() => DType::BF16,
+        None | Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some(other) => anyhow::bail!("unknown --dtype {other} (use f32, bf16 or f16)"),
+    };
+    Ok((device, dtype))
+}

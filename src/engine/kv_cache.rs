@@ -1,0 +1,83 @@
+//! KV storage behind the attention: the forward asks a [`KvStore`] to keep a chunk's keys and
+//! values and to hand back every position of that sequence so far.
+
+use candle_core::Tensor;
+
+use super::Result;
+
+/// Where attention keeps keys/values between steps.
+///
+/// Entry `seq` is the index of a sequence within the current packed batch. Keys and values are
+/// `[tokens, kv_heads, head_dim]`; positions must be appended in order.
+pub trait KvStore {
+    /// Stores `k`, `v` (this step's tokens) for `seq` in `layer` and returns the keys and values
+    /// of all positions `0..past_len + tokens` of that sequence.
+    fn store_and_fetch(
+        &mut self,
+        seq: usize,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
+}
+
+/// No cache: each sequence is processed whole in one forward (training, scoring).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoCache;
+
+impl KvStore for NoCache {
+    fn store_and_fetch(
+        &mut self,
+        _seq: usize,
+        _layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok((k.clone(), v.clone()))
+    }
+}
+
+/// One sequence's contiguous cache: per layer, a growable buffer (candle's `KvCache`, which
+/// grows by whole chunks and writes in place instead of concatenating every step).
+#[derive(Debug, Clone)]
+pub struct SeqCache {
+    layers: Vec<candle_nn::kv_cache::KvCache>,
+}
+
+impl SeqCache {
+    /// A cache for `num_layers` layers that preallocates `chunk` positions at a time.
+    pub fn new(num_layers: usize, chunk: usize) -> Self {
+        Self {
+            layers: (0..num_layers)
+                .map(|_| candle_nn::kv_cache::KvCache::new(0, chunk))
+                .collect(),
+        }
+    }
+
+    /// Positions stored so far.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .map(|l| l.current_seq_len())
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The caches of the sequences of one packed batch, in batch order.
+pub struct BatchCaches<'a>(pub Vec<&'a mut SeqCache>);
+
+impl KvStore for BatchCaches<'_> {
+    fn store_and_fetch(
+        &mut self,
+        seq: usize,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok(self.0[seq].layers[layer].append(&k.contiguous()?, &v.contiguous()?)?)
+    }
+}

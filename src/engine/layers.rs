@@ -1,0 +1,156 @@
+//! Building blocks of the Llama forward: RMSNorm, rotary embeddings, projections, SwiGLU MLP.
+//!
+//! Each op has a fused form (fast, no backward) and a differentiable form built from plain
+//! tensor ops, chosen by [`OpsMode`]. candle's fused `rms_norm`, `softmax_last_dim` and
+//! `rope*` record no gradient, so training must use [`OpsMode::Differentiable`].
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::{Llama3RopeScaling, LlamaConfig};
+use super::Result;
+
+/// Which kernels the forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsMode {
+    /// candle's fused CPU/CUDA kernels; inference only (gradients stop there).
+    Fused,
+    /// Plain tensor ops that record the backward graph; for training and gradient checks.
+    Differentiable,
+}
+
+/// Root-mean-square layer norm, `y = x / sqrt(mean(x^2) + eps) * w`, computed in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: OpsMode) -> Result<Tensor> {
+        Ok(match mode {
+            OpsMode::Fused => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?,
+            OpsMode::Differentiable => {
+                let dtype = x.dtype();
+                let xf = x.to_dtype(DType::F32)?;
+                let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+                normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?
+            }
+        })
+    }
+}
+
+/// Rotary position embedding (HF "rotate_half" layout) with optional Llama-3 frequency scaling.
+///
+/// Angles are computed per token from its absolute position, so a packed batch can mix
+/// sequences at arbitrary positions.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+}
+
+impl Rope {
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        let d = cfg.head_dim;
+        let mut inv_freq: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        if let Some(s) = &cfg.rope_scaling {
+            inv_freq.iter_mut().for_each(|f| *f = llama3_scale(*f, s));
+        }
+        Self { inv_freq }
+    }
+
+    /// `cos`, `sin` tables of shape `[positions.len(), head_dim / 2]` in `dtype`.
+    pub fn tables(
+        &self,
+        positions: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &self.inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        let shape = (positions.len(), half);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Rotates `x` of shape `[tokens, heads, head_dim]` by the per-token tables.
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: OpsMode) -> Result<Tensor> {
+        Ok(match mode {
+            OpsMode::Fused => {
+                candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?
+                    .squeeze(0)?
+            }
+            OpsMode::Differentiable => {
+                let half = x.dim(D::Minus1)? / 2;
+                let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+                let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+                let x1 = x.narrow(D::Minus1, 0, half)?;
+                let x2 = x.narrow(D::Minus1, half, half)?;
+                let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+                (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?
+            }
+        })
+    }
+}
+
+/// Llama-3 frequency scaling of one inverse frequency (as in HF `_compute_llama3_parameters`).
+fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f64::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
+
+/// A bias-free linear projection `y = x W^T`, `W: [out, in]` in the Hugging Face layout.
+#[derive(Debug, Clone)]
+pub struct Proj {
+    weight: Tensor,
+}
+
+impl Proj {
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+        })
+    }
+
+    pub fn from_weight(weight: Tensor) -> Self {
+        Self { weight }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `x: [tokens, in]` -> `[tokens, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::Linear::new(self.weight.clone(), None).forward(x)?)
+    }
+}

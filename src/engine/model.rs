@@ -1,0 +1,298 @@
+//! The Llama decoder over a packed batch: many sequences of different lengths, each at its own
+//! position, in one forward (prefill chunks and decode tokens mixed).
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::LlamaConfig;
+use super::kv_cache::KvStore;
+use super::layers::{OpsMode, Proj, RmsNorm, Rope};
+use super::Result;
+
+/// One sequence's slice of a packed batch: `len` new tokens starting at position `past_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqSpan {
+    /// New tokens of this sequence in this forward.
+    pub len: usize,
+    /// Tokens of this sequence already in its KV cache (= position of its first new token).
+    pub past_len: usize,
+}
+
+/// A packed batch: the new tokens of every sequence, concatenated in `seqs` order.
+#[derive(Debug, Clone, Default)]
+pub struct PackedBatch {
+    pub tokens: Vec<u32>,
+    pub seqs: Vec<SeqSpan>,
+}
+
+impl PackedBatch {
+    /// Appends a sequence's new tokens at position `past_len`.
+    pub fn push(&mut self, tokens: &[u32], past_len: usize) {
+        self.tokens.extend_from_slice(tokens);
+        self.seqs.push(SeqSpan {
+            len: tokens.len(),
+            past_len,
+        });
+    }
+
+    /// Absolute position of every packed token.
+    pub fn positions(&self) -> Vec<usize> {
+        self.seqs
+            .iter()
+            .flat_map(|s| s.past_len..s.past_len + s.len)
+            .collect()
+    }
+
+    /// Index in the packed token list of each sequence's last new token.
+    pub fn last_indices(&self) -> Vec<u32> {
+        let mut end = 0;
+        self.seqs
+            .iter()
+            .map(|s| {
+                end += s.len;
+                (end - 1) as u32
+            })
+            .collect()
+    }
+}
+
+/// Which positions the forward returns logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// `[num_seqs, vocab]`: each sequence's last new token (generation).
+    Last,
+    /// `[num_tokens, vocab]`: every packed token (training, scoring).
+    All,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-family decoder in the Hugging Face weight layout.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Proj,
+    rope: Rope,
+    mode: OpsMode,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from HF-named tensors (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+    pub fn load(vb: VarBuilder, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let vm = vb.pp("model");
+        let embed_tokens = vm.pp("embed_tokens").get((cfg.vocab_size, h), "weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let vl = vm.pp(format!("layers.{l}"));
+            let va = vl.pp("self_attn");
+            let vmlp = vl.pp("mlp");
+            layers.push(Block {
+                input_layernorm: RmsNorm::load(vl.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+                self_attn: Attention {
+                    q_proj: Proj::load(va.pp("q_proj"), h, cfg.q_dim())?,
+                    k_proj: Proj::load(va.pp("k_proj"), h, cfg.kv_dim())?,
+                    v_proj: Proj::load(va.pp("v_proj"), h, cfg.kv_dim())?,
+                    o_proj: Proj::load(va.pp("o_proj"), cfg.q_dim(), h)?,
+                },
+                post_attention_layernorm: RmsNorm::load(
+                    vl.pp("post_attention_layernorm"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
+                mlp: Mlp {
+                    gate_proj: Proj::load(vmlp.pp("gate_proj"), h, i)?,
+                    up_proj: Proj::load(vmlp.pp("up_proj"), h, i)?,
+                    down_proj: Proj::load(vmlp.pp("down_proj"), i, h)?,
+                },
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            Proj::from_weight(embed_tokens.clone())
+        } else {
+            Proj::load(vb.pp("lm_head"), h, cfg.vocab_size)?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(vm.pp("norm"), h, cfg.rms_norm_eps)?,
+            lm_head,
+            rope: Rope::new(cfg),
+            mode: OpsMode::Fused,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Switches between fused kernels (inference) and differentiable ops (training).
+    pub fn with_mode(mut self, mode: OpsMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// One forward over a packed batch. `kv` keeps each sequence's keys/values between calls.
+    ///
+    /// Returns f32 logits, `[num_seqs, vocab]` for [`LogitsAt::Last`] or `[num_tokens, vocab]`
+    /// for [`LogitsAt::All`].
+    pub fn forward(
+        &self,
+        batch: &PackedBatch,
+        kv: &mut dyn KvStore,
+        at: LogitsAt,
+    ) -> Result<Tensor> {
+        let n = batch.tokens.len();
+        let ids = Tensor::from_slice(&batch.tokens, n, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let (cos, sin) = self
+            .rope
+            .tables(&batch.positions(), self.dtype, &self.device)?;
+        for (l, block) in self.layers.iter().enumerate() {
+            let h = block.input_layernorm.forward(&x, self.mode)?;
+            let a = self.attention(l, &block.self_attn, &h, batch, (&cos, &sin), kv)?;
+            x = (x + a)?;
+            let h = block.post_attention_layernorm.forward(&x, self.mode)?;
+            let m = &block.mlp;
+            let gate = candle_nn::ops::silu(&m.gate_proj.forward(&h)?)?;
+            x = (x + m.down_proj.forward(&(gate * m.up_proj.forward(&h)?)?)?)?;
+        }
+        if at == LogitsAt::Last {
+            let last = Tensor::new(batch.last_indices(), &self.device)?;
+            x = x.index_select(&last, 0)?;
+        }
+        let x = self.norm.forward(&x, self.mode)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Grouped-query attention of every sequence against its own cached past.
+    fn attention(
+        &self,
+        layer: usize,
+        attn: &Attention,
+        x: &Tensor,
+        batch: &PackedBatch,
+        (cos, sin): (&Tensor, &Tensor),
+        kv: &mut dyn KvStore,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = x.dim(0)?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let q = attn.q_proj.forward(x)?.reshape((n, nh, hd))?;
+        let k = attn.k_proj.forward(x)?.reshape((n, nkv, hd))?;
+        let v = attn.v_proj.forward(x)?.reshape((n, nkv, hd))?;
+        let q = Rope::apply(&q, cos, sin, self.mode)?;
+        let k = Rope::apply(&k, cos, sin, self.mode)?;
+        let mut outs = Vec::with_capacity(batch.seqs.len());
+        let mut start = 0;
+        for (s, span) in batch.seqs.iter().enumerate() {
+            let (k_all, v_all) = kv.store_and_fetch(
+                s,
+                layer,
+                &k.narrow(0, start, span.len)?,
+                &v.narrow(0, start, span.len)?,
+            )?;
+            outs.push(self.sdpa(
+                &q.narrow(0, start, span.len)?,
+                &k_all,
+                &v_all,
+                span.past_len,
+            )?);
+            start += span.len;
+        }
+        let o = Tensor::cat(&outs, 0)?;
+        attn.o_proj.forward(&o)
+    }
+
+    /// Causal attention of one sequence: `q: [L, H, D]`, `k, v: [S, KVH, D]` with `S = past + L`.
+    ///
+    /// Query heads are grouped per KV head (`[KVH, rep * L, D]`) so keys are never repeated.
+    fn sdpa(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+        let (l, nh, hd) = q.dims3()?;
+        let (s, nkv, _) = k.dims3()?;
+        let rep = nh / nkv;
+        let q = q
+            .transpose(0, 1)?
+            .reshape((nkv, rep * l, hd))?
+            .contiguous()?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if l > 1 {
+            let mask = causal_mask(l, s, past, scores.dtype(), q.device())?;
+            scores = scores
+                .reshape((nkv, rep, l, s))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, rep * l, s))?;
+        }
+        let probs = match self.mode {
+            OpsMode::Fused => candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?,
+            OpsMode::Differentiable => {
+                candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+            }
+        }
+        .to_dtype(v.dtype())?;
+        let o = probs.matmul(&v)?; // [KVH, rep * L, D]
+        Ok(o.reshape((nh, l, hd))?
+            .transpose(0, 1)?
+            .reshape((l, nh * hd))?)
+    }
+}
+
+/// `[L, S]` additive mask: query `i` (position `past + i`) sees keys `0..=past + i`.
+fn causal_mask(l: usize, s: usize, past: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..l)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (l, s), device)?.to_dtype(dtype)?)
+}

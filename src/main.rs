@@ -1,0 +1,30 @@
+//! Thin main: parse, init tracing, dispatch, map errors to one line and exit code 2.
+
+use clap::Parser;
+use lab::cli::{Cli, Command};
+use lab::commands;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate::run(&args),
+        Command::TrainLora(_) => commands::not_yet("train-lora"),
+        Command::Serve(_) => commands::not_yet("serve"),
+        Command::Loadtest(_) => commands::not_yet("loadtest"),
+        Command::Eval(_) => commands::not_yet("eval"),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {}", commands::one_line(&e));
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            eprintln!("{}", e.backtrace());
+        }
+        std::process::exit(2);
+    }
+}
