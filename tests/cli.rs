@@ -1,0 +1,92 @@
+//! The `lab` binary: clear one-line errors with exit code 2, never a panic.
+
+use std::process::Command;
+
+fn lab(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lab"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        s(&out.stdout),
+        s(&out.stderr),
+    )
+}
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (code, _, err) = lab(args);
+    assert_eq!(code, 2, "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_models_give_one_line_and_exit_2() {
+    assert_one_line_error(
+        &["generate", "--model", "/nope/model.gguf", "--prompt", "hi"],
+        "not found",
+    );
+    assert_one_line_error(
+        &["generate", "--model", "synthetic:gpt-9", "--prompt", "hi"],
+        "unknown synthetic",
+    );
+    assert_one_line_error(
+        &["generate", "--model", "Cargo.toml", "--prompt", "hi"],
+        "unknown model format",
+    );
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            "nobody/no-such-model",
+            "--prompt",
+            "hi",
+        ],
+        "Hub unavailable",
+    );
+    let dir = std::env::temp_dir().join(format!("lab-cli-arch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures":["MistralForCausalLM"],"vocab_size":8,"hidden_size":8,"intermediate_size":8,
+            "num_hidden_layers":1,"num_attention_heads":1,"rms_norm_eps":1e-5}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("model.safetensors"), [0u8; 16]).unwrap();
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "unsupported architecture",
+    );
+    let gguf = dir.join("broken.gguf");
+    std::fs::write(&gguf, b"not a gguf at all").unwrap();
+    assert_one_line_error(
+        &[
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "GGUF",
+    );
+}
+
+#[test]
+fn pending_subcommands_say_so() {
+    for cmd in ["train-lora", "serve", "loadtest", "eval"] {
+        let (code, _, err) = lab(&[cmd]);
+        assert_eq!(code, 2);
+        assert!(err.contains("not yet implemented"), "{cmd}: {err}");
+    }
+}

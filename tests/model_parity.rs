@@ -1,0 +1,152 @@
+//! The Llama forward against transformers' logits, and packed batches against single runs.
+
+use candle_core::{Device, Tensor};
+use lab::engine::kv_cache::{BatchCaches, NoCache, SeqCache};
+use lab::engine::layers::OpsMode;
+use lab::engine::model::{Llama, LogitsAt, PackedBatch};
+use lab::engine::sampler::argmax;
+use serde::Deserialize;
+
+use crate::util::{fixture, random_llama, rel_err, tiny_hf_llama};
+
+#[derive(Deserialize)]
+struct Case {
+    ids: Vec<u32>,
+    positions: Vec<usize>,
+    logits: Vec<Vec<f32>>,
+    #[serde(default)]
+    greedy_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Expected {
+    cases: Vec<Case>,
+}
+
+fn expected() -> Expected {
+    serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama/expected.json")).unwrap())
+        .unwrap()
+}
+
+fn all_logits(model: &Llama, ids: &[u32]) -> Tensor {
+    let mut batch = PackedBatch::default();
+    batch.push(ids, 0);
+    model.forward(&batch, &mut NoCache, LogitsAt::All).unwrap()
+}
+
+#[test]
+fn tiny_llama_matches_transformers_at_every_position() {
+    let exp = expected();
+    for mode in [OpsMode::Fused, OpsMode::Differentiable] {
+        let model = tiny_hf_llama().with_mode(mode);
+        for case in &exp.cases {
+            let got = all_logits(&model, &case.ids);
+            let pos = Tensor::new(
+                case.positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let got = got.index_select(&pos, 0).unwrap();
+            let want = Tensor::new(case.logits.clone(), &Device::Cpu).unwrap();
+            let err = rel_err(&got, &want);
+            assert!(err < 1e-4, "{mode:?} len {}: rel err {err}", case.ids.len());
+        }
+    }
+}
+
+#[test]
+fn tiny_llama_greedy_with_kv_cache_matches_transformers() {
+    let exp = expected();
+    let case = &exp.cases[0];
+    let model = tiny_hf_llama();
+    let mut cache = SeqCache::new(2, 8);
+    let mut input = case.ids.clone();
+    let mut out = Vec::new();
+    for _ in 0..case.greedy_ids.len() {
+        let mut batch = PackedBatch::default();
+        batch.push(&input, cache.len());
+        let logits = model
+            .forward(&batch, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last)
+            .unwrap();
+        let id = argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+        out.push(id);
+        input = vec![id];
+    }
+    assert_eq!(out, case.greedy_ids);
+}
+
+/// Runs `prefix` then `chunk` for one sequence alone; returns the chunk's last-position logits
+/// and the cache after the prefix (so the same past can be used in a packed batch).
+fn alone(model: &Llama, prefix: &[u32], chunk: &[u32]) -> (Tensor, SeqCache) {
+    let mut cache = SeqCache::new(model.config().num_hidden_layers, 4);
+    if !prefix.is_empty() {
+        let mut b = PackedBatch::default();
+        b.push(prefix, 0);
+        model
+            .forward(&b, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last)
+            .unwrap();
+    }
+    let before = cache.clone();
+    let mut b = PackedBatch::default();
+    b.push(chunk, prefix.len());
+    let logits = model
+        .forward(&b, &mut BatchCaches(vec![&mut cache]), LogitsAt::All)
+        .unwrap();
+    (logits, before)
+}
+
+#[test]
+fn packed_batch_equals_each_sequence_alone() {
+    let model = random_llama(11);
+    let ids = |seed: u32, n: usize| {
+        (0..n as u32)
+            .map(|i| (i * 37 + seed * 101) % 300)
+            .collect::<Vec<u32>>()
+    };
+    // (prefix already cached, new tokens): prefill, decode, chunked prefill, decode.
+    let seqs = [
+        (ids(1, 0), ids(2, 9)),
+        (ids(3, 7), ids(4, 1)),
+        (ids(5, 4), ids(6, 3)),
+        (ids(7, 12), ids(8, 1)),
+    ];
+    let mut singles = Vec::new();
+    let mut caches = Vec::new();
+    for (prefix, chunk) in &seqs {
+        let (logits, cache) = alone(&model, prefix, chunk);
+        singles.push(logits);
+        caches.push(cache);
+    }
+    let mut batch = PackedBatch::default();
+    for (prefix, chunk) in &seqs {
+        batch.push(chunk, prefix.len());
+    }
+    let packed = model
+        .forward(
+            &batch,
+            &mut BatchCaches(caches.iter_mut().collect()),
+            LogitsAt::All,
+        )
+        .unwrap();
+    let mut start = 0;
+    for (i, single) in singles.iter().enumerate() {
+        let n = single.dim(0).unwrap();
+        let err = rel_err(&packed.narrow(0, start, n).unwrap(), single);
+        assert!(err < 1e-4, "sequence {i}: rel err {err}");
+        start += n;
+    }
+    // Last-position logits pick the same rows.
+    let mut caches2: Vec<SeqCache> = seqs.iter().map(|(p, c)| alone(&model, p, c).1).collect();
+    let last = model
+        .forward(
+            &batch,
+            &mut BatchCaches(caches2.iter_mut().collect()),
+            LogitsAt::Last,
+        )
+        .unwrap();
+    for (i, single) in singles.iter().enumerate() {
+        let n = single.dim(0).unwrap();
+        let err = rel_err(&last.get(i).unwrap(), &single.get(n - 1).unwrap());
+        assert!(err < 1e-4, "sequence {i} last: rel err {err}");
+    }
+}

@@ -1,0 +1,71 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use lab::engine::config::LlamaConfig;
+use lab::engine::model::Llama;
+use lab::engine::source::{ensure_default_model, lab_home, local_dir_files};
+use lab::engine::weights;
+
+/// Path of a file under `tests/fixtures`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// The tiny random HF Llama made by `tests/fixtures/make_tiny_llama.py`.
+pub fn tiny_hf_llama() -> Llama {
+    let files = local_dir_files(&fixture("tiny-llama"), "tiny-llama").unwrap();
+    let (cfg, vb) = weights::open(&files, DType::F32, &Device::Cpu).unwrap();
+    Llama::load(vb, &cfg).unwrap()
+}
+
+/// A random Llama built in the test (seeded), with GQA and llama3 rope scaling.
+pub fn random_llama(seed: u64) -> Llama {
+    let mut cfg = LlamaConfig::preset("tiny").unwrap();
+    cfg.vocab_size = 300;
+    cfg.tie_word_embeddings = false;
+    cfg.rope_scaling = LlamaConfig::preset("llama-3.1-8b").unwrap().rope_scaling;
+    let mut t = weights::synthetic_tensors(&cfg, seed, DType::F32, &Device::Cpu).unwrap();
+    // Wider weights than the synthetic default so logits are far from flat.
+    for (name, w) in t.iter_mut() {
+        if w.rank() == 2 {
+            *w = (w.clone() * 10.0).unwrap();
+        } else if name.contains("norm") {
+            *w = Tensor::rand(0.5f32, 1.5, w.shape(), &Device::Cpu).unwrap();
+        }
+    }
+    Llama::load(
+        candle_nn::VarBuilder::from_tensors(t, DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap()
+}
+
+/// The embedded default GGUF (fetched into `$LAB_HOME` on first use).
+pub fn default_gguf() -> PathBuf {
+    ensure_default_model(&lab_home()).expect("default model fetch")
+}
+
+/// `max |a - b| / max |b|` over two tensors of the same shape.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff / scale.max(1e-12)
+}
