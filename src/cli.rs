@@ -26,6 +26,27 @@ pub enum Command {
     Loadtest(PendingArgs),
     /// Score the base model or an adapter on a domain's eval split.
     Eval(PendingArgs),
+    /// Measure the engine: prefill and decode throughput at several batch sizes.
+    Bench(BenchArgs),
+}
+
+/// `lab bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch sizes (concurrent sequences), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Decode steps timed per batch size (after one warm-up step).
+    #[arg(long, default_value_t = 32)]
+    pub decode_steps: usize,
+    /// Print one JSON object per batch size instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags shared by every command that loads a model.

@@ -5,11 +5,15 @@ use lab::cli::{Cli, Command};
 use lab::commands;
 
 fn main() {
+    // candle asks for the thread count on every CPU matmul and, without RAYON_NUM_THREADS,
+    // answers by re-reading /proc/cpuinfo each time (13% of a decode step in `perf`). Set it
+    // once, before any thread pool exists.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LAB_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -19,6 +23,7 @@ fn main() {
         Command::Serve(_) => commands::not_yet("serve"),
         Command::Loadtest(_) => commands::not_yet("loadtest"),
         Command::Eval(_) => commands::not_yet("eval"),
+        Command::Bench(args) => commands::bench::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", commands::one_line(&e));

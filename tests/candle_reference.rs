@@ -30,17 +30,8 @@ fn reference_greedy(path: &std::path::Path, prompt: &[u32]) -> (Vec<u32>, Vec<f3
     let (mut out, mut first) = (Vec::new(), Vec::new());
     let mut pos = 0;
     for _ in 0..STEPS {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = model
-            .forward(&x, pos)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
+        let x = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = model.forward(&x, pos).unwrap().squeeze(0).unwrap().to_dtype(DType::F32).unwrap();
         let v = logits.to_vec1::<f32>().unwrap();
         if first.is_empty() {
             first = v.clone();
@@ -60,9 +51,7 @@ fn lab_greedy(model: &Llama, prompt: &[u32]) -> (Vec<u32>, Vec<f32>) {
     for _ in 0..STEPS {
         let mut b = PackedBatch::default();
         b.push(&input, cache.len());
-        let logits = model
-            .forward(&b, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last)
-            .unwrap();
+        let logits = model.forward(&b, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last).unwrap();
         let v = logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
         if first.is_empty() {
             first = v.clone();
@@ -82,35 +71,17 @@ fn default_gguf_matches_candle_quantized_llama_dequantized() {
     let gguf = GgufFile::open(&path).unwrap();
     let cfg = gguf.config().unwrap();
     let tensors = gguf.hf_tensors(&cfg, DType::F32, &Device::Cpu).unwrap();
-    let model = Llama::load(
-        candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
-        &cfg,
-    )
-    .unwrap();
+    let model = Llama::load(candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), &cfg).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
     for p in PROMPTS {
-        let text = tok
-            .apply_chat_template(&[ChatMessage::new("user", p)], true)
-            .unwrap();
+        let text = tok.apply_chat_template(&[ChatMessage::new("user", p)], true).unwrap();
         let ids = tok.encode(&text).unwrap();
         let (want_ids, want_first) = reference_greedy(&path, &ids);
         let (got_ids, got_first) = lab_greedy(&model, &ids);
-        let diff = got_first
-            .iter()
-            .zip(&want_first)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = got_first.iter().zip(&want_first).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let scale = want_first.iter().map(|v| v.abs()).fold(0f32, f32::max);
-        assert!(
-            diff / scale < 1e-3,
-            "{p:?}: first-step logits rel err {}",
-            diff / scale
-        );
+        assert!(diff / scale < 1e-3, "{p:?}: first-step logits rel err {}", diff / scale);
         assert_eq!(got_ids, want_ids, "{p:?}: greedy continuation");
-        eprintln!(
-            "{p:?}: rel err {:.2e}, continuation {:?}",
-            diff / scale,
-            tok.decode(&got_ids, true).unwrap()
-        );
+        eprintln!("{p:?}: rel err {:.2e}, continuation {:?}", diff / scale, tok.decode(&got_ids, true).unwrap());
     }
 }

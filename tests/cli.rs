@@ -10,11 +10,7 @@ fn lab(args: &[&str]) -> (i32, String, String) {
         .output()
         .unwrap();
     let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (
-        out.status.code().unwrap_or(-1),
-        s(&out.stdout),
-        s(&out.stderr),
-    )
+    (out.status.code().unwrap_or(-1), s(&out.stdout), s(&out.stderr))
 }
 
 fn assert_one_line_error(args: &[&str], needle: &str) {
@@ -27,28 +23,10 @@ fn assert_one_line_error(args: &[&str], needle: &str) {
 
 #[test]
 fn bad_models_give_one_line_and_exit_2() {
-    assert_one_line_error(
-        &["generate", "--model", "/nope/model.gguf", "--prompt", "hi"],
-        "not found",
-    );
-    assert_one_line_error(
-        &["generate", "--model", "synthetic:gpt-9", "--prompt", "hi"],
-        "unknown synthetic",
-    );
-    assert_one_line_error(
-        &["generate", "--model", "Cargo.toml", "--prompt", "hi"],
-        "unknown model format",
-    );
-    assert_one_line_error(
-        &[
-            "generate",
-            "--model",
-            "nobody/no-such-model",
-            "--prompt",
-            "hi",
-        ],
-        "Hub unavailable",
-    );
+    assert_one_line_error(&["generate", "--model", "/nope/model.gguf", "--prompt", "hi"], "not found");
+    assert_one_line_error(&["generate", "--model", "synthetic:gpt-9", "--prompt", "hi"], "unknown synthetic");
+    assert_one_line_error(&["generate", "--model", "Cargo.toml", "--prompt", "hi"], "unknown model format");
+    assert_one_line_error(&["generate", "--model", "nobody/no-such-model", "--prompt", "hi"], "Hub unavailable");
     let dir = std::env::temp_dir().join(format!("lab-cli-arch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -59,27 +37,12 @@ fn bad_models_give_one_line_and_exit_2() {
     .unwrap();
     std::fs::write(dir.join("model.safetensors"), [0u8; 16]).unwrap();
     assert_one_line_error(
-        &[
-            "generate",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
+        &["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"],
         "unsupported architecture",
     );
     let gguf = dir.join("broken.gguf");
     std::fs::write(&gguf, b"not a gguf at all").unwrap();
-    assert_one_line_error(
-        &[
-            "generate",
-            "--model",
-            gguf.to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
-        "GGUF",
-    );
+    assert_one_line_error(&["generate", "--model", gguf.to_str().unwrap(), "--prompt", "hi"], "GGUF");
 }
 
 #[test]

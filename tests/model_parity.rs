@@ -24,8 +24,7 @@ struct Expected {
 }
 
 fn expected() -> Expected {
-    serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama/expected.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama/expected.json")).unwrap()).unwrap()
 }
 
 fn all_logits(model: &Llama, ids: &[u32]) -> Tensor {
@@ -41,11 +40,7 @@ fn tiny_llama_matches_transformers_at_every_position() {
         let model = tiny_hf_llama().with_mode(mode);
         for case in &exp.cases {
             let got = all_logits(&model, &case.ids);
-            let pos = Tensor::new(
-                case.positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
-                &Device::Cpu,
-            )
-            .unwrap();
+            let pos = Tensor::new(case.positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
             let got = got.index_select(&pos, 0).unwrap();
             let want = Tensor::new(case.logits.clone(), &Device::Cpu).unwrap();
             let err = rel_err(&got, &want);
@@ -65,9 +60,7 @@ fn tiny_llama_greedy_with_kv_cache_matches_transformers() {
     for _ in 0..case.greedy_ids.len() {
         let mut batch = PackedBatch::default();
         batch.push(&input, cache.len());
-        let logits = model
-            .forward(&batch, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last)
-            .unwrap();
+        let logits = model.forward(&batch, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last).unwrap();
         let id = argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
         out.push(id);
         input = vec![id];
@@ -82,34 +75,21 @@ fn alone(model: &Llama, prefix: &[u32], chunk: &[u32]) -> (Tensor, SeqCache) {
     if !prefix.is_empty() {
         let mut b = PackedBatch::default();
         b.push(prefix, 0);
-        model
-            .forward(&b, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last)
-            .unwrap();
+        model.forward(&b, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last).unwrap();
     }
     let before = cache.clone();
     let mut b = PackedBatch::default();
     b.push(chunk, prefix.len());
-    let logits = model
-        .forward(&b, &mut BatchCaches(vec![&mut cache]), LogitsAt::All)
-        .unwrap();
+    let logits = model.forward(&b, &mut BatchCaches(vec![&mut cache]), LogitsAt::All).unwrap();
     (logits, before)
 }
 
 #[test]
 fn packed_batch_equals_each_sequence_alone() {
     let model = random_llama(11);
-    let ids = |seed: u32, n: usize| {
-        (0..n as u32)
-            .map(|i| (i * 37 + seed * 101) % 300)
-            .collect::<Vec<u32>>()
-    };
+    let ids = |seed: u32, n: usize| (0..n as u32).map(|i| (i * 37 + seed * 101) % 300).collect::<Vec<u32>>();
     // (prefix already cached, new tokens): prefill, decode, chunked prefill, decode.
-    let seqs = [
-        (ids(1, 0), ids(2, 9)),
-        (ids(3, 7), ids(4, 1)),
-        (ids(5, 4), ids(6, 3)),
-        (ids(7, 12), ids(8, 1)),
-    ];
+    let seqs = [(ids(1, 0), ids(2, 9)), (ids(3, 7), ids(4, 1)), (ids(5, 4), ids(6, 3)), (ids(7, 12), ids(8, 1))];
     let mut singles = Vec::new();
     let mut caches = Vec::new();
     for (prefix, chunk) in &seqs {
@@ -121,13 +101,7 @@ fn packed_batch_equals_each_sequence_alone() {
     for (prefix, chunk) in &seqs {
         batch.push(chunk, prefix.len());
     }
-    let packed = model
-        .forward(
-            &batch,
-            &mut BatchCaches(caches.iter_mut().collect()),
-            LogitsAt::All,
-        )
-        .unwrap();
+    let packed = model.forward(&batch, &mut BatchCaches(caches.iter_mut().collect()), LogitsAt::All).unwrap();
     let mut start = 0;
     for (i, single) in singles.iter().enumerate() {
         let n = single.dim(0).unwrap();
@@ -137,13 +111,7 @@ fn packed_batch_equals_each_sequence_alone() {
     }
     // Last-position logits pick the same rows.
     let mut caches2: Vec<SeqCache> = seqs.iter().map(|(p, c)| alone(&model, p, c).1).collect();
-    let last = model
-        .forward(
-            &batch,
-            &mut BatchCaches(caches2.iter_mut().collect()),
-            LogitsAt::Last,
-        )
-        .unwrap();
+    let last = model.forward(&batch, &mut BatchCaches(caches2.iter_mut().collect()), LogitsAt::Last).unwrap();
     for (i, single) in singles.iter().enumerate() {
         let n = single.dim(0).unwrap();
         let err = rel_err(&last.get(i).unwrap(), &single.get(n - 1).unwrap());

@@ -28,8 +28,7 @@ struct Fixture {
 
 fn load() -> (Tokenizer, Fixture) {
     let tok = Tokenizer::from_gguf(&GgufFile::open(&default_gguf()).unwrap()).unwrap();
-    let fx = serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer_ids.json")).unwrap())
-        .unwrap();
+    let fx = serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer_ids.json")).unwrap()).unwrap();
     (tok, fx)
 }
 
@@ -47,20 +46,14 @@ fn gguf_tokenizer_ids_equal_hf_with_smollm_digit_split() {
         }
         assert_eq!(tok.decode(&ids, false).unwrap(), c.text, "round trip");
     }
-    assert!(
-        fx.cases.len() >= 40 && differing > 0,
-        "the corpus exercises the digit split"
-    );
+    assert!(fx.cases.len() >= 40 && differing > 0, "the corpus exercises the digit split");
     assert!(fx.cases.iter().any(|c| c.text.is_empty()));
 }
 
 #[test]
 fn control_tokens_in_text_are_single_ids_and_eos_is_im_end() {
     let (tok, _) = load();
-    assert_eq!(
-        tok.encode("<|im_start|>user\nhi<|im_end|>\n").unwrap(),
-        vec![1, 4093, 198, 6004, 2, 198]
-    );
+    assert_eq!(tok.encode("<|im_start|>user\nhi<|im_end|>\n").unwrap(), vec![1, 4093, 198, 6004, 2, 198]);
     assert_eq!(tok.eos_ids(), &[2]);
 }
 
@@ -68,9 +61,6 @@ fn control_tokens_in_text_are_single_ids_and_eos_is_im_end() {
 fn chat_template_renders_like_transformers() {
     let (tok, fx) = load();
     for ex in [&fx.chat_example, &fx.chat_example2] {
-        assert_eq!(
-            tok.apply_chat_template(&ex.messages, true).unwrap(),
-            ex.rendered
-        );
+        assert_eq!(tok.apply_chat_template(&ex.messages, true).unwrap(), ex.rendered);
     }
 }

@@ -11,9 +11,7 @@ use lab::engine::weights;
 
 /// Path of a file under `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }
 
 /// The tiny random HF Llama made by `tests/fixtures/make_tiny_llama.py`.
@@ -38,11 +36,7 @@ pub fn random_llama(seed: u64) -> Llama {
             *w = Tensor::rand(0.5f32, 1.5, w.shape(), &Device::Cpu).unwrap();
         }
     }
-    Llama::load(
-        candle_nn::VarBuilder::from_tensors(t, DType::F32, &Device::Cpu),
-        &cfg,
-    )
-    .unwrap()
+    Llama::load(candle_nn::VarBuilder::from_tensors(t, DType::F32, &Device::Cpu), &cfg).unwrap()
 }
 
 /// The embedded default GGUF (fetched into `$LAB_HOME` on first use).
@@ -52,20 +46,7 @@ pub fn default_gguf() -> PathBuf {
 
 /// `max |a - b| / max |b|` over two tensors of the same shape.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     diff / scale.max(1e-12)
 }

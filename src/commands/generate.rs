@@ -18,12 +18,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let (device, dtype) = device_and_dtype(&args.model)?;
     let source = ModelSource::parse(args.model.model.as_deref())?;
     let loaded = load_model(&source, &lab_home(), dtype, &device)?;
-    if loaded.synthetic {
-        eprintln!(
-            "lab: {} has synthetic (random) weights: output text is meaningless",
-            loaded.name
-        );
-    }
+    super::report_loaded(&loaded);
     let prompt_ids = prompt_ids(args, &loaded.tokenizer)?;
     let params = SamplingParams {
         temperature: args.temperature,
@@ -36,18 +31,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let stream = !args.json;
     let mut stdout = std::io::stdout();
-    let gen = generate(
-        &loaded.model,
-        &loaded.tokenizer,
-        &prompt_ids,
-        &params,
-        |piece| {
-            if stream && !piece.is_empty() {
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
-            }
-        },
-    )?;
+    let gen = generate(&loaded.model, &loaded.tokenizer, &prompt_ids, &params, |piece| {
+        if stream && !piece.is_empty() {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+    })?;
     if args.json {
         let out = json!({
             "model": loaded.name,
@@ -76,9 +65,9 @@ fn prompt_ids(args: &GenerateArgs, tok: &Tokenizer) -> anyhow::Result<Vec<u32>> 
         let messages = match (&args.prompt, &args.messages) {
             (Some(p), _) => vec![ChatMessage::new("user", p)],
             (None, Some(path)) => read_messages(path)?,
-            (None, None) => anyhow::bail!(
-                "nothing to generate from: pass --prompt TEXT, --messages FILE or --raw TEXT"
-            ),
+            (None, None) => {
+                anyhow::bail!("nothing to generate from: pass --prompt TEXT, --messages FILE or --raw TEXT")
+            }
         };
         tok.apply_chat_template(&messages, true)?
     };
@@ -86,15 +75,11 @@ fn prompt_ids(args: &GenerateArgs, tok: &Tokenizer) -> anyhow::Result<Vec<u32>> 
 }
 
 fn read_messages(path: &std::path::Path) -> anyhow::Result<Vec<ChatMessage>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --messages {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading --messages {}", path.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let list = v.get("messages").cloned().unwrap_or(v);
     serde_json::from_value(list).with_context(|| {
-        format!(
-            "{}: expected an OpenAI messages array [{{\"role\": ..., \"content\": ...}}]",
-            path.display()
-        )
+        format!("{}: expected an OpenAI messages array [{{\"role\": ..., \"content\": ...}}]", path.display())
     })
 }

@@ -1,11 +1,13 @@
 //! One entry point per subcommand: turn CLI args into settings once, call the engine.
 //! `anyhow` lives here and in `main` only.
 
+pub mod bench;
 pub mod generate;
 
 use candle_core::{DType, Device};
 
 use crate::cli::ModelArgs;
+use crate::engine::loader::LoadedModel;
 
 /// Placeholder exit for subcommands whose issue has not landed yet.
 pub fn not_yet(name: &str) -> anyhow::Result<()> {
@@ -30,11 +32,7 @@ pub fn device_and_dtype(args: &ModelArgs) -> anyhow::Result<(Device, DType)> {
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         d if d.starts_with("cuda") => {
-            let ordinal = d
-                .strip_prefix("cuda:")
-                .map(|n| n.parse::<usize>())
-                .transpose()?
-                .unwrap_or(0);
+            let ordinal = d.strip_prefix("cuda:").map(|n| n.parse::<usize>()).transpose()?.unwrap_or(0);
             Device::new_cuda(ordinal).map_err(|e| {
                 anyhow::anyhow!("cannot open {d}: {e} (this binary needs the `cuda` feature and an NVIDIA driver)")
             })?
@@ -49,4 +47,28 @@ pub fn device_and_dtype(args: &ModelArgs) -> anyhow::Result<(Device, DType)> {
         Some(other) => anyhow::bail!("unknown --dtype {other} (use f32, bf16 or f16)"),
     };
     Ok((device, dtype))
+}
+
+/// One stderr line naming the model, its size and, for random weights, that they are synthetic.
+pub fn report_loaded(m: &LoadedModel) {
+    let tag = if m.synthetic { " [synthetic: seeded random weights, for speed/memory only]" } else { "" };
+    eprintln!(
+        "lab: model {} ({} parameters, {:?}){tag}",
+        m.name,
+        group_digits(m.model.num_parameters()),
+        m.model.dtype()
+    );
+}
+
+/// `8030261248` -> `8,030,261,248`.
+pub fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }

@@ -78,42 +78,24 @@ fn default_max_pos() -> usize {
 impl LlamaConfig {
     /// Parses a Hugging Face `config.json`; refuses architectures the engine does not implement.
     pub fn from_hf_json(text: &str) -> Result<Self, EngineError> {
-        let hf: HfConfig = serde_json::from_str(text)
-            .map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
-        let arch_ok = hf.architectures.iter().any(|a| a == "LlamaForCausalLM")
-            || hf.model_type.as_deref() == Some("llama");
+        let hf: HfConfig = serde_json::from_str(text).map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
+        let arch_ok =
+            hf.architectures.iter().any(|a| a == "LlamaForCausalLM") || hf.model_type.as_deref() == Some("llama");
         if !arch_ok {
-            let got = hf
-                .architectures
-                .first()
-                .cloned()
-                .or(hf.model_type)
-                .unwrap_or_default();
+            let got = hf.architectures.first().cloned().or(hf.model_type).unwrap_or_default();
             return Err(EngineError::UnsupportedArchitecture(got));
         }
         if hf.attention_bias || hf.mlp_bias {
-            return Err(EngineError::UnsupportedArchitecture(
-                "llama with attention/mlp bias".into(),
-            ));
+            return Err(EngineError::UnsupportedArchitecture("llama with attention/mlp bias".into()));
         }
-        let rope_scaling =
-            parse_rope_scaling(hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()))?;
+        let rope_scaling = parse_rope_scaling(hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()))?;
         let rope_theta = match (&hf.rope_scaling, &hf.rope_parameters) {
-            (None, Some(p)) => p
-                .get("rope_theta")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(hf.rope_theta),
+            (None, Some(p)) => p.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(hf.rope_theta),
             _ => hf.rope_theta,
         };
         let eos_token_ids = match hf.eos_token_id {
-            Some(serde_json::Value::Number(n)) => {
-                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
-            }
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect(),
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
             _ => vec![],
         };
         let cfg = LlamaConfig {
@@ -123,9 +105,7 @@ impl LlamaConfig {
             num_hidden_layers: hf.num_hidden_layers,
             num_attention_heads: hf.num_attention_heads,
             num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads),
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta,
             rope_scaling,
@@ -141,8 +121,7 @@ impl LlamaConfig {
     /// Checks the invariants the forward relies on (GQA grouping, even head dim).
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |m: &str| Err(EngineError::Config(m.to_string()));
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
-        {
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0 {
             return bad("num_attention_heads must be a multiple of num_key_value_heads");
         }
         if self.head_dim % 2 != 0 {
@@ -244,26 +223,18 @@ impl LlamaConfig {
     pub const PRESETS: [&'static str; 4] = ["llama-3.1-8b", "llama-3.2-1b", "smollm2-135m", "tiny"];
 }
 
-fn parse_rope_scaling(
-    v: Option<&serde_json::Value>,
-) -> Result<Option<Llama3RopeScaling>, EngineError> {
+fn parse_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<Llama3RopeScaling>, EngineError> {
     let Some(v) = v else { return Ok(None) };
     if v.is_null() {
         return Ok(None);
     }
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("");
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
     match kind {
-        "llama3" => serde_json::from_value(v.clone())
-            .map(Some)
-            .map_err(|e| EngineError::Config(format!("rope_scaling: {e}"))),
+        "llama3" => {
+            serde_json::from_value(v.clone()).map(Some).map_err(|e| EngineError::Config(format!("rope_scaling: {e}")))
+        }
         "default" => Ok(None),
-        other => Err(EngineError::UnsupportedArchitecture(format!(
-            "rope_scaling type '{other}'"
-        ))),
+        other => Err(EngineError::UnsupportedArchitecture(format!("rope_scaling type '{other}'"))),
     }
 }
 
@@ -282,10 +253,7 @@ mod tests {
         assert_eq!(cfg.head_dim, 16);
         assert_eq!(cfg.group_size(), 2);
         assert_eq!(cfg.eos_token_ids, vec![1, 2]);
-        assert_eq!(
-            cfg.rope_scaling.unwrap().original_max_position_embeddings,
-            64
-        );
+        assert_eq!(cfg.rope_scaling.unwrap().original_max_position_embeddings, 64);
     }
 
     #[test]

@@ -20,10 +20,7 @@ pub struct Detokenizer {
 
 impl Detokenizer {
     pub fn new(stop: Vec<String>) -> Self {
-        Self {
-            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
-            ..Default::default()
-        }
+        Self { stop: stop.into_iter().filter(|s| !s.is_empty()).collect(), ..Default::default() }
     }
 
     /// Adds one token; returns the new text that is safe to show.
@@ -37,12 +34,7 @@ impl Detokenizer {
             return Ok(String::new()); // an incomplete multi-byte character: wait for the rest
         }
         self.text = full;
-        if let Some(cut) = self
-            .stop
-            .iter()
-            .filter_map(|s| self.text.find(s.as_str()))
-            .min()
-        {
+        if let Some(cut) = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
             self.text.truncate(cut);
             self.stopped = true;
             return Ok(self.take(self.text.len()));
@@ -67,10 +59,7 @@ impl Detokenizer {
     }
 
     fn take(&mut self, upto: usize) -> String {
-        let upto = (0..=upto)
-            .rev()
-            .find(|&i| self.text.is_char_boundary(i))
-            .unwrap_or(0);
+        let upto = (0..=upto).rev().find(|&i| self.text.is_char_boundary(i)).unwrap_or(0);
         if upto <= self.emitted {
             return String::new();
         }
@@ -82,10 +71,6 @@ impl Detokenizer {
     /// Length of the longest suffix of the text that is a proper prefix of a stop string.
     fn stop_prefix_len(&self) -> usize {
         let t = self.text.as_bytes();
-        self.stop
-            .iter()
-            .flat_map(|s| (1..s.len()).filter(move |&k| t.ends_with(&s.as_bytes()[..k])))
-            .max()
-            .unwrap_or(0)
+        self.stop.iter().flat_map(|s| (1..s.len()).filter(move |&k| t.ends_with(&s.as_bytes()[..k]))).max().unwrap_or(0)
     }
 }

@@ -30,9 +30,7 @@ pub fn generate(
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     if prompt_ids.is_empty() {
-        return Err(EngineError::Tokenizer(
-            "empty prompt: nothing to generate from".into(),
-        ));
+        return Err(EngineError::Tokenizer("empty prompt: nothing to generate from".into()));
     }
     let max_len = model.config().max_position_embeddings;
     let mut cache = SeqCache::new(model.config().num_hidden_layers, 256);
@@ -73,10 +71,6 @@ pub fn generate(
         output_ids: out,
         finish_reason: finish,
         prefill_ms,
-        decode_tokens_per_s: if secs > 0.0 && decoded > 0 {
-            decoded as f64 / secs
-        } else {
-            0.0
-        },
+        decode_tokens_per_s: if secs > 0.0 && decoded > 0 { decoded as f64 / secs } else { 0.0 },
     })
 }

@@ -24,16 +24,9 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let mut f = BufReader::new(File::open(path).map_err(|e| EngineError::io(path, e))?);
-        let content = Content::read(&mut f).map_err(|e| {
-            EngineError::UnknownFormat(format!(
-                "{}: not a readable GGUF file ({e})",
-                path.display()
-            ))
-        })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            content,
-        })
+        let content = Content::read(&mut f)
+            .map_err(|e| EngineError::UnknownFormat(format!("{}: not a readable GGUF file ({e})", path.display())))?;
+        Ok(Self { path: path.to_path_buf(), content })
     }
 
     /// A metadata value, if present.
@@ -43,9 +36,7 @@ impl GgufFile {
 
     /// A metadata string, if present.
     pub fn meta_str(&self, key: &str) -> Option<&str> {
-        self.meta(key)
-            .and_then(|v| v.to_string().ok())
-            .map(|s| s.as_str())
+        self.meta(key).and_then(|v| v.to_string().ok()).map(|s| s.as_str())
     }
 
     /// A metadata integer of any GGUF integer type.
@@ -62,31 +53,21 @@ impl GgufFile {
     }
 
     fn required(&self, key: &str) -> Result<u64> {
-        self.meta_u64(key)
-            .ok_or_else(|| EngineError::Config(format!("GGUF metadata lacks {key}")))
+        self.meta_u64(key).ok_or_else(|| EngineError::Config(format!("GGUF metadata lacks {key}")))
     }
 
     /// The model shape from `llama.*` metadata.
     pub fn config(&self) -> Result<LlamaConfig> {
-        let arch = self
-            .meta_str("general.architecture")
-            .unwrap_or("")
-            .to_string();
+        let arch = self.meta_str("general.architecture").unwrap_or("").to_string();
         if arch != "llama" {
-            return Err(EngineError::UnsupportedArchitecture(format!(
-                "GGUF general.architecture={arch}"
-            )));
+            return Err(EngineError::UnsupportedArchitecture(format!("GGUF general.architecture={arch}")));
         }
         let k = |s: &str| format!("llama.{s}");
         let heads = self.required(&k("attention.head_count"))? as usize;
         let hidden = self.required(&k("embedding_length"))? as usize;
         let vocab = match self.meta_u64(&k("vocab_size")) {
             Some(v) => v as usize,
-            None => self
-                .meta("tokenizer.ggml.tokens")
-                .and_then(|v| v.to_vec().ok())
-                .map(|v| v.len())
-                .unwrap_or(0),
+            None => self.meta("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map(|v| v.len()).unwrap_or(0),
         };
         let cfg = LlamaConfig {
             vocab_size: vocab,
@@ -94,27 +75,15 @@ impl GgufFile {
             intermediate_size: self.required(&k("feed_forward_length"))? as usize,
             num_hidden_layers: self.required(&k("block_count"))? as usize,
             num_attention_heads: heads,
-            num_key_value_heads: self
-                .meta_u64(&k("attention.head_count_kv"))
-                .unwrap_or(heads as u64) as usize,
-            head_dim: self
-                .meta_u64(&k("rope.dimension_count"))
-                .map(|d| d as usize)
-                .unwrap_or(hidden / heads),
-            rms_norm_eps: self
-                .meta_f64(&k("attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5),
+            num_key_value_heads: self.meta_u64(&k("attention.head_count_kv")).unwrap_or(heads as u64) as usize,
+            head_dim: self.meta_u64(&k("rope.dimension_count")).map(|d| d as usize).unwrap_or(hidden / heads),
+            rms_norm_eps: self.meta_f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
             rope_theta: self.meta_f64(&k("rope.freq_base")).unwrap_or(10_000.0),
             rope_scaling: None,
             max_position_embeddings: self.meta_u64(&k("context_length")).unwrap_or(4096) as usize,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            bos_token_id: self
-                .meta_u64("tokenizer.ggml.bos_token_id")
-                .map(|v| v as u32),
-            eos_token_ids: self
-                .meta_u64("tokenizer.ggml.eos_token_id")
-                .map(|v| vec![v as u32])
-                .unwrap_or_default(),
+            bos_token_id: self.meta_u64("tokenizer.ggml.bos_token_id").map(|v| v as u32),
+            eos_token_ids: self.meta_u64("tokenizer.ggml.eos_token_id").map(|v| vec![v as u32]).unwrap_or_default(),
         };
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
             // Llama-3.1 GGUFs bake the llama3 scaling into a tensor; its metadata is lost.
@@ -127,14 +96,8 @@ impl GgufFile {
     }
 
     /// Every tensor dequantized to `dtype` on `device`, under its Hugging Face name.
-    pub fn hf_tensors(
-        &self,
-        cfg: &LlamaConfig,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<HashMap<String, Tensor>> {
-        let mut f =
-            BufReader::new(File::open(&self.path).map_err(|e| EngineError::io(&self.path, e))?);
+    pub fn hf_tensors(&self, cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let mut f = BufReader::new(File::open(&self.path).map_err(|e| EngineError::io(&self.path, e))?);
         let mut out = HashMap::new();
         for name in self.content.tensor_infos.keys() {
             let Some(hf) = hf_name(name) else { continue };
@@ -196,18 +159,14 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let half = out / heads / 2;
-    Ok(w.reshape((heads, half, 2, inp))?
-        .transpose(1, 2)?
-        .reshape((out, inp))?)
+    Ok(w.reshape((heads, half, 2, inp))?.transpose(1, 2)?.reshape((out, inp))?)
 }
 
 /// llama.cpp's `permute` (HF -> GGUF row order); the inverse of [`unpermute_rows`].
 pub fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let half = out / heads / 2;
-    Ok(w.reshape((heads, 2, half, inp))?
-        .transpose(1, 2)?
-        .reshape((out, inp))?)
+    Ok(w.reshape((heads, 2, half, inp))?.transpose(1, 2)?.reshape((out, inp))?)
 }
 
 #[cfg(test)]
@@ -216,24 +175,15 @@ mod tests {
 
     #[test]
     fn permute_roundtrip_and_names() {
-        let w = Tensor::arange(0f32, 48., &Device::Cpu)
-            .unwrap()
-            .reshape((12, 4))
-            .unwrap();
+        let w = Tensor::arange(0f32, 48., &Device::Cpu).unwrap().reshape((12, 4)).unwrap();
         let p = permute_rows(&w, 3).unwrap();
         assert_ne!(p.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         let back = unpermute_rows(&p, 3).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         // llama.cpp: row r of head h, half-dim j, pair element e: gguf row = h*4 + j*2 + e.
         // HF row for (h, e, j) = h*4 + e*2 + j. Head 0: HF rows [0,1,2,3] -> gguf [0,2,1,3].
-        assert_eq!(
-            p.narrow(0, 0, 4).unwrap().to_vec2::<f32>().unwrap()[1][0],
-            8.0
-        );
-        assert_eq!(
-            hf_name("blk.3.attn_k.weight").unwrap(),
-            "model.layers.3.self_attn.k_proj.weight"
-        );
+        assert_eq!(p.narrow(0, 0, 4).unwrap().to_vec2::<f32>().unwrap()[1][0], 8.0);
+        assert_eq!(hf_name("blk.3.attn_k.weight").unwrap(), "model.layers.3.self_attn.k_proj.weight");
         assert_eq!(hf_name("rope_freqs.weight"), None);
     }
 }

@@ -12,13 +12,7 @@ use super::Result;
 pub trait KvStore {
     /// Stores `k`, `v` (this step's tokens) for `seq` in `layer` and returns the keys and values
     /// of all positions `0..past_len + tokens` of that sequence.
-    fn store_and_fetch(
-        &mut self,
-        seq: usize,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)>;
+    fn store_and_fetch(&mut self, seq: usize, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
 }
 
 /// No cache: each sequence is processed whole in one forward (training, scoring).
@@ -26,13 +20,7 @@ pub trait KvStore {
 pub struct NoCache;
 
 impl KvStore for NoCache {
-    fn store_and_fetch(
-        &mut self,
-        _seq: usize,
-        _layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    fn store_and_fetch(&mut self, _seq: usize, _layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((k.clone(), v.clone()))
     }
 }
@@ -47,19 +35,12 @@ pub struct SeqCache {
 impl SeqCache {
     /// A cache for `num_layers` layers that preallocates `chunk` positions at a time.
     pub fn new(num_layers: usize, chunk: usize) -> Self {
-        Self {
-            layers: (0..num_layers)
-                .map(|_| candle_nn::kv_cache::KvCache::new(0, chunk))
-                .collect(),
-        }
+        Self { layers: (0..num_layers).map(|_| candle_nn::kv_cache::KvCache::new(0, chunk)).collect() }
     }
 
     /// Positions stored so far.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .map(|l| l.current_seq_len())
-            .unwrap_or(0)
+        self.layers.first().map(|l| l.current_seq_len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -71,13 +52,7 @@ impl SeqCache {
 pub struct BatchCaches<'a>(pub Vec<&'a mut SeqCache>);
 
 impl KvStore for BatchCaches<'_> {
-    fn store_and_fetch(
-        &mut self,
-        seq: usize,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    fn store_and_fetch(&mut self, seq: usize, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok(self.0[seq].layers[layer].append(&k.contiguous()?, &v.contiguous()?)?)
     }
 }

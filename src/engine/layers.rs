@@ -28,10 +28,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            eps,
-        })
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
     }
 
     pub fn forward(&self, x: &Tensor, mode: OpsMode) -> Result<Tensor> {
@@ -60,9 +57,7 @@ pub struct Rope {
 impl Rope {
     pub fn new(cfg: &LlamaConfig) -> Self {
         let d = cfg.head_dim;
-        let mut inv_freq: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
-            .collect();
+        let mut inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
         if let Some(s) = &cfg.rope_scaling {
             inv_freq.iter_mut().for_each(|f| *f = llama3_scale(*f, s));
         }
@@ -70,12 +65,7 @@ impl Rope {
     }
 
     /// `cos`, `sin` tables of shape `[positions.len(), head_dim / 2]` in `dtype`.
-    pub fn tables(
-        &self,
-        positions: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
+    pub fn tables(&self, positions: &[usize], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -95,10 +85,7 @@ impl Rope {
     /// Rotates `x` of shape `[tokens, heads, head_dim]` by the per-token tables.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: OpsMode) -> Result<Tensor> {
         Ok(match mode {
-            OpsMode::Fused => {
-                candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?
-                    .squeeze(0)?
-            }
+            OpsMode::Fused => candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?,
             OpsMode::Differentiable => {
                 let half = x.dim(D::Minus1)? / 2;
                 let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
@@ -136,9 +123,7 @@ pub struct Proj {
 
 impl Proj {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
-        })
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")? })
     }
 
     pub fn from_weight(weight: Tensor) -> Self {

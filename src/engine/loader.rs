@@ -22,25 +22,16 @@ pub struct LoadedModel {
 }
 
 /// Resolves `source` (fetching if needed) and loads weights in `dtype` on `device`.
-pub fn load_model(
-    source: &ModelSource,
-    home: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<LoadedModel> {
+pub fn load_model(source: &ModelSource, home: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let files = resolve(source, home)?;
     let (cfg, vb) = super::weights::open(&files, dtype, device)?;
     let model = Llama::load(vb, &cfg)?;
     let tokenizer = match &files {
-        ModelFiles::Safetensors {
-            tokenizer,
-            tokenizer_config,
-            ..
-        } => Tokenizer::from_hf_files(tokenizer, tokenizer_config.as_deref(), &cfg.eos_token_ids)?,
-        ModelFiles::Gguf { path, .. } => Tokenizer::from_gguf(&GgufFile::open(path)?)?,
-        ModelFiles::Synthetic { tokenizer_from, .. } => {
-            Tokenizer::from_gguf(&GgufFile::open(tokenizer_from)?)?
+        ModelFiles::Safetensors { tokenizer, tokenizer_config, .. } => {
+            Tokenizer::from_hf_files(tokenizer, tokenizer_config.as_deref(), &cfg.eos_token_ids)?
         }
+        ModelFiles::Gguf { path, .. } => Tokenizer::from_gguf(&GgufFile::open(path)?)?,
+        ModelFiles::Synthetic { tokenizer_from, .. } => Tokenizer::from_gguf(&GgufFile::open(tokenizer_from)?)?,
     };
     Ok(LoadedModel {
         name: files.name(),

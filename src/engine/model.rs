@@ -29,18 +29,12 @@ impl PackedBatch {
     /// Appends a sequence's new tokens at position `past_len`.
     pub fn push(&mut self, tokens: &[u32], past_len: usize) {
         self.tokens.extend_from_slice(tokens);
-        self.seqs.push(SeqSpan {
-            len: tokens.len(),
-            past_len,
-        });
+        self.seqs.push(SeqSpan { len: tokens.len(), past_len });
     }
 
     /// Absolute position of every packed token.
     pub fn positions(&self) -> Vec<usize> {
-        self.seqs
-            .iter()
-            .flat_map(|s| s.past_len..s.past_len + s.len)
-            .collect()
+        self.seqs.iter().flat_map(|s| s.past_len..s.past_len + s.len).collect()
     }
 
     /// Index in the packed token list of each sequence's last new token.
@@ -121,11 +115,7 @@ impl Llama {
                     v_proj: Proj::load(va.pp("v_proj"), h, cfg.kv_dim())?,
                     o_proj: Proj::load(va.pp("o_proj"), cfg.q_dim(), h)?,
                 },
-                post_attention_layernorm: RmsNorm::load(
-                    vl.pp("post_attention_layernorm"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
+                post_attention_layernorm: RmsNorm::load(vl.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
                 mlp: Mlp {
                     gate_proj: Proj::load(vmlp.pp("gate_proj"), h, i)?,
                     up_proj: Proj::load(vmlp.pp("up_proj"), h, i)?,
@@ -173,18 +163,11 @@ impl Llama {
     ///
     /// Returns f32 logits, `[num_seqs, vocab]` for [`LogitsAt::Last`] or `[num_tokens, vocab]`
     /// for [`LogitsAt::All`].
-    pub fn forward(
-        &self,
-        batch: &PackedBatch,
-        kv: &mut dyn KvStore,
-        at: LogitsAt,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, batch: &PackedBatch, kv: &mut dyn KvStore, at: LogitsAt) -> Result<Tensor> {
         let n = batch.tokens.len();
         let ids = Tensor::from_slice(&batch.tokens, n, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        let (cos, sin) = self
-            .rope
-            .tables(&batch.positions(), self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.tables(&batch.positions(), self.dtype, &self.device)?;
         for (l, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x, self.mode)?;
             let a = self.attention(l, &block.self_attn, &h, batch, (&cos, &sin), kv)?;
@@ -214,11 +197,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let n = x.dim(0)?;
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let q = attn.q_proj.forward(x)?.reshape((n, nh, hd))?;
         let k = attn.k_proj.forward(x)?.reshape((n, nkv, hd))?;
         let v = attn.v_proj.forward(x)?.reshape((n, nkv, hd))?;
@@ -227,18 +206,9 @@ impl Llama {
         let mut outs = Vec::with_capacity(batch.seqs.len());
         let mut start = 0;
         for (s, span) in batch.seqs.iter().enumerate() {
-            let (k_all, v_all) = kv.store_and_fetch(
-                s,
-                layer,
-                &k.narrow(0, start, span.len)?,
-                &v.narrow(0, start, span.len)?,
-            )?;
-            outs.push(self.sdpa(
-                &q.narrow(0, start, span.len)?,
-                &k_all,
-                &v_all,
-                span.past_len,
-            )?);
+            let (k_all, v_all) =
+                kv.store_and_fetch(s, layer, &k.narrow(0, start, span.len)?, &v.narrow(0, start, span.len)?)?;
+            outs.push(self.sdpa(&q.narrow(0, start, span.len)?, &k_all, &v_all, span.past_len)?);
             start += span.len;
         }
         let o = Tensor::cat(&outs, 0)?;
@@ -252,47 +222,48 @@ impl Llama {
         let (l, nh, hd) = q.dims3()?;
         let (s, nkv, _) = k.dims3()?;
         let rep = nh / nkv;
-        let q = q
-            .transpose(0, 1)?
-            .reshape((nkv, rep * l, hd))?
-            .contiguous()?;
+        let q = q.transpose(0, 1)?.reshape((nkv, rep * l, hd))?.contiguous()?;
         let k = k.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?)? * scale)?;
         if l > 1 {
             let mask = causal_mask(l, s, past, scores.dtype(), q.device())?;
-            scores = scores
-                .reshape((nkv, rep, l, s))?
-                .broadcast_add(&mask)?
-                .reshape((nkv, rep * l, s))?;
+            scores = scores.reshape((nkv, rep, l, s))?.broadcast_add(&mask)?.reshape((nkv, rep * l, s))?;
         }
         let probs = match self.mode {
             OpsMode::Fused => candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?,
-            OpsMode::Differentiable => {
-                candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-            }
+            OpsMode::Differentiable => candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?,
         }
         .to_dtype(v.dtype())?;
         let o = probs.matmul(&v)?; // [KVH, rep * L, D]
-        Ok(o.reshape((nh, l, hd))?
-            .transpose(0, 1)?
-            .reshape((l, nh * hd))?)
+        Ok(o.reshape((nh, l, hd))?.transpose(0, 1)?.reshape((l, nh * hd))?)
     }
 }
 
 /// `[L, S]` additive mask: query `i` (position `past + i`) sees keys `0..=past + i`.
 fn causal_mask(l: usize, s: usize, past: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..l)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
+    let mask: Vec<f32> =
+        (0..l).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(mask, (l, s), device)?.to_dtype(dtype)?)
+}
+
+impl Llama {
+    /// Parameters of the built model (tied embeddings counted once).
+    pub fn num_parameters(&self) -> u64 {
+        let mut n = self.embed_tokens.elem_count() + self.cfg.hidden_size; // + final norm
+        for b in &self.layers {
+            let a = &b.self_attn;
+            let m = &b.mlp;
+            n += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                .iter()
+                .map(|p| p.weight().elem_count())
+                .sum::<usize>();
+            n += 2 * self.cfg.hidden_size;
+        }
+        if !self.cfg.tie_word_embeddings {
+            n += self.lm_head.weight().elem_count();
+        }
+        n as u64
+    }
 }

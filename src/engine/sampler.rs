@@ -25,15 +25,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-            max_tokens: 256,
-            ignore_eos: false,
-            stop: vec![],
-        }
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, max_tokens: 256, ignore_eos: false, stop: vec![] }
     }
 }
 
@@ -63,16 +55,9 @@ impl Sampler {
             (None, None) => Sampling::All { temperature: t },
             (Some(k), None) => Sampling::TopK { k, temperature: t },
             (None, Some(p)) => Sampling::TopP { p, temperature: t },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP {
-                k,
-                p,
-                temperature: t,
-            },
+            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature: t },
         };
-        Self {
-            greedy: t <= 0.0,
-            processor: LogitsProcessor::from_sampling(p.seed, sampling),
-        }
+        Self { greedy: t <= 0.0, processor: LogitsProcessor::from_sampling(p.seed, sampling) }
     }
 
     /// Next token from one row of logits `[vocab]`.
@@ -104,28 +89,14 @@ mod tests {
     fn greedy_takes_first_max_and_seeded_sampling_repeats() {
         assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
         let logits = Tensor::new(&[1.0f32, 2.0, 0.5, 1.5, 0.0], &Device::Cpu).unwrap();
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_p: 0.9,
-            top_k: 3,
-            seed: 42,
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 3, seed: 42, ..Default::default() };
         let run = || {
             let mut s = Sampler::new(&p);
-            (0..50)
-                .map(|_| s.sample(&logits).unwrap())
-                .collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run(), "same seed, same draws");
-        assert!(
-            a.iter().all(|t| [0, 1, 3].contains(t)),
-            "top-k 3 keeps ids 1, 3, 0: {a:?}"
-        );
-        assert!(
-            a.iter().collect::<std::collections::HashSet<_>>().len() > 1,
-            "sampling varies"
-        );
+        assert!(a.iter().all(|t| [0, 1, 3].contains(t)), "top-k 3 keeps ids 1, 3, 0: {a:?}");
+        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1, "sampling varies");
     }
 }

