@@ -45,7 +45,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         rows.push(row);
     }
     if !args.json {
-        println!("model {} ({dtype:?}, {}), prompt {} tokens, {} decode steps", loaded.name, args.model.device, args.prompt_len, args.decode_steps);
+        println!(
+            "model {} ({dtype:?}, {}), prompt {} tokens, {} decode steps",
+            loaded.name, args.model.device, args.prompt_len, args.decode_steps
+        );
         println!("| batch | prefill ms | prefill tok/s | decode step ms | decode tok/s |");
         println!("|---:|---:|---:|---:|---:|");
         for r in rows {

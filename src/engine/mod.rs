@@ -3,6 +3,7 @@
 //! Knows nothing of HTTP, tokio or clap. Every tensor lives on a caller-chosen
 //! [`candle_core::Device`]; shape logic never assumes the CPU.
 
+pub mod adapters;
 pub mod config;
 pub mod detokenizer;
 pub mod generate;
@@ -11,6 +12,9 @@ pub mod hub;
 pub mod kv_cache;
 pub mod layers;
 pub mod loader;
+pub mod lora;
+pub mod lora_op;
+pub mod lora_slots;
 pub mod model;
 pub mod sampler;
 pub mod source;

@@ -7,6 +7,8 @@ use candle_nn::VarBuilder;
 use super::config::LlamaConfig;
 use super::kv_cache::KvStore;
 use super::layers::{OpsMode, Proj, RmsNorm, Rope};
+use super::lora::{LoraModule, ProjKey};
+use super::lora_op::{apply_lora, LoraWeights, RowGroups};
 use super::Result;
 
 /// One sequence's slice of a packed batch: `len` new tokens starting at position `past_len`.
@@ -16,6 +18,8 @@ pub struct SeqSpan {
     pub len: usize,
     /// Tokens of this sequence already in its KV cache (= position of its first new token).
     pub past_len: usize,
+    /// Adapter slot of this sequence (`None` = base model only).
+    pub slot: Option<usize>,
 }
 
 /// A packed batch: the new tokens of every sequence, concatenated in `seqs` order.
@@ -26,10 +30,15 @@ pub struct PackedBatch {
 }
 
 impl PackedBatch {
-    /// Appends a sequence's new tokens at position `past_len`.
+    /// Appends a base-model sequence's new tokens at position `past_len`.
     pub fn push(&mut self, tokens: &[u32], past_len: usize) {
+        self.push_with_slot(tokens, past_len, None);
+    }
+
+    /// Appends a sequence's new tokens at position `past_len`, using adapter `slot`.
+    pub fn push_with_slot(&mut self, tokens: &[u32], past_len: usize, slot: Option<usize>) {
         self.tokens.extend_from_slice(tokens);
-        self.seqs.push(SeqSpan { len: tokens.len(), past_len });
+        self.seqs.push(SeqSpan { len: tokens.len(), past_len, slot });
     }
 
     /// Absolute position of every packed token.
@@ -164,18 +173,39 @@ impl Llama {
     /// Returns f32 logits, `[num_seqs, vocab]` for [`LogitsAt::Last`] or `[num_tokens, vocab]`
     /// for [`LogitsAt::All`].
     pub fn forward(&self, batch: &PackedBatch, kv: &mut dyn KvStore, at: LogitsAt) -> Result<Tensor> {
+        self.forward_lora(batch, kv, None, at)
+    }
+
+    /// [`Llama::forward`] with adapters: sequence `i` uses slot `batch.seqs[i].slot` of `lora`
+    /// on every projection that adapter targets (see [`super::lora_op`] for the semantics).
+    pub fn forward_lora(
+        &self,
+        batch: &PackedBatch,
+        kv: &mut dyn KvStore,
+        lora: Option<&dyn LoraWeights>,
+        at: LogitsAt,
+    ) -> Result<Tensor> {
+        let lens: Vec<usize> = batch.seqs.iter().map(|s| s.len).collect();
+        let slots: Vec<Option<usize>> = batch.seqs.iter().map(|s| s.slot).collect();
+        let groups = RowGroups::new(&lens, &slots, &self.device)?;
+        let lora = match lora {
+            Some(w) if !groups.is_empty() => Some(LoraCtx { weights: w, rows: groups }),
+            _ => None,
+        };
+        let lora = lora.as_ref();
         let n = batch.tokens.len();
         let ids = Tensor::from_slice(&batch.tokens, n, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         let (cos, sin) = self.rope.tables(&batch.positions(), self.dtype, &self.device)?;
         for (l, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x, self.mode)?;
-            let a = self.attention(l, &block.self_attn, &h, batch, (&cos, &sin), kv)?;
+            let a = self.attention(l, &block.self_attn, &h, batch, (&cos, &sin), kv, lora)?;
             x = (x + a)?;
             let h = block.post_attention_layernorm.forward(&x, self.mode)?;
             let m = &block.mlp;
-            let gate = candle_nn::ops::silu(&m.gate_proj.forward(&h)?)?;
-            x = (x + m.down_proj.forward(&(gate * m.up_proj.forward(&h)?)?)?)?;
+            let gate = candle_nn::ops::silu(&proj(&m.gate_proj, &h, l, LoraModule::Gate, lora)?)?;
+            let up = proj(&m.up_proj, &h, l, LoraModule::Up, lora)?;
+            x = (x + proj(&m.down_proj, &(gate * up)?, l, LoraModule::Down, lora)?)?;
         }
         if at == LogitsAt::Last {
             let last = Tensor::new(batch.last_indices(), &self.device)?;
@@ -194,13 +224,14 @@ impl Llama {
         batch: &PackedBatch,
         (cos, sin): (&Tensor, &Tensor),
         kv: &mut dyn KvStore,
+        lora: Option<&LoraCtx>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let q = attn.q_proj.forward(x)?.reshape((n, nh, hd))?;
-        let k = attn.k_proj.forward(x)?.reshape((n, nkv, hd))?;
-        let v = attn.v_proj.forward(x)?.reshape((n, nkv, hd))?;
+        let q = proj(&attn.q_proj, x, layer, LoraModule::Q, lora)?.reshape((n, nh, hd))?;
+        let k = proj(&attn.k_proj, x, layer, LoraModule::K, lora)?.reshape((n, nkv, hd))?;
+        let v = proj(&attn.v_proj, x, layer, LoraModule::V, lora)?.reshape((n, nkv, hd))?;
         let q = Rope::apply(&q, cos, sin, self.mode)?;
         let k = Rope::apply(&k, cos, sin, self.mode)?;
         let mut outs = Vec::with_capacity(batch.seqs.len());
@@ -212,7 +243,7 @@ impl Llama {
             start += span.len;
         }
         let o = Tensor::cat(&outs, 0)?;
-        attn.o_proj.forward(&o)
+        proj(&attn.o_proj, &o, layer, LoraModule::O, lora)
     }
 
     /// Causal attention of one sequence: `q: [L, H, D]`, `k, v: [S, KVH, D]` with `S = past + L`.
@@ -238,6 +269,21 @@ impl Llama {
         .to_dtype(v.dtype())?;
         let o = probs.matmul(&v)?; // [KVH, rep * L, D]
         Ok(o.reshape((nh, l, hd))?.transpose(0, 1)?.reshape((l, nh * hd))?)
+    }
+}
+
+/// Adapters of one forward: the weights and the batch rows grouped by slot.
+struct LoraCtx<'a> {
+    weights: &'a dyn LoraWeights,
+    rows: RowGroups,
+}
+
+/// A base projection plus, where the batch uses adapters, their LoRA updates.
+fn proj(p: &Proj, x: &Tensor, layer: usize, module: LoraModule, lora: Option<&LoraCtx>) -> Result<Tensor> {
+    let y = p.forward(x)?;
+    match lora {
+        Some(ctx) => apply_lora(y, x, ProjKey { layer, module }, &ctx.rows, ctx.weights),
+        None => Ok(y),
     }
 }
 

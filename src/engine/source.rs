@@ -275,7 +275,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn tempdir_in(home: &Path) -> Result<PathBuf> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let p = home.join(format!("tmp-fetch-{}-{nanos}", std::process::id()));
     let _ = fs::remove_dir_all(&p);
     fs::create_dir_all(&p).map_err(|e| EngineError::io(&p, e))?;

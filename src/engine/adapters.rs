@@ -1,0 +1,458 @@
+//! `AdapterRegistry`: disk -> CPU LRU (`--max-cpu-loras`) -> device slots (`--max-loras`).
+//!
+//! The policy is [`RegistryState`], a plain struct with no I/O, unit-tested directly:
+//! - every load of a name gets a new generation; a sequence binds the generation current when
+//!   it acquires its slot and keeps that slot pinned until it finishes, so a reload never
+//!   changes a running sequence; new sequences get the new generation;
+//! - eviction is LRU among unpinned slots, stale generations first; a pinned slot is never
+//!   evicted; when every slot is pinned, `acquire` answers `Wait` (never fails, never evicts);
+//! - disk reads happen on a loader thread: `acquire` answers `Load` once, then `Loading`, so a
+//!   step that does not need that adapter never waits for it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use super::lora::{LoraAdapter, LoraError};
+use super::lora_slots::SlotBank;
+use super::Result;
+
+/// Tier sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// Device slots (`--max-loras`).
+    pub max_loras: usize,
+    /// Parsed adapters kept in host memory (`--max-cpu-loras`).
+    pub max_cpu_loras: usize,
+}
+
+/// One loaded version of a named adapter.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AdapterId {
+    pub name: String,
+    pub generation: u64,
+}
+
+/// What `acquire` asks the caller to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquire {
+    /// The adapter is in `slot`, now pinned for the caller.
+    Ready { slot: usize, id: AdapterId },
+    /// Copy the CPU copy of `id` into `slot` (pinned for the caller); `evicted` left the slot.
+    CopyIn { slot: usize, id: AdapterId, evicted: Option<AdapterId> },
+    /// Read `id` from `path` in the background, then call `cpu_loaded`.
+    Load { id: AdapterId, path: PathBuf },
+    /// A load of this adapter is under way.
+    Loading,
+    /// Every slot is pinned by running sequences: try again after one finishes.
+    Wait,
+    /// Its last load failed with this message (a new registration clears it).
+    Failed(String),
+    /// No adapter of that name.
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+struct Known {
+    path: PathBuf,
+    generation: u64,
+    error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    holds: Option<AdapterId>,
+    pins: usize,
+    last_used: u64,
+}
+
+/// The registry's policy state (no tensors, no I/O).
+#[derive(Debug, Clone)]
+pub struct RegistryState {
+    cfg: RegistryConfig,
+    known: BTreeMap<String, Known>,
+    cpu: BTreeMap<AdapterId, u64>,
+    loading: BTreeMap<AdapterId, ()>,
+    slots: Vec<Slot>,
+    next_generation: u64,
+    clock: u64,
+}
+
+impl RegistryState {
+    pub fn new(cfg: RegistryConfig) -> Self {
+        Self {
+            cfg,
+            known: BTreeMap::new(),
+            cpu: BTreeMap::new(),
+            loading: BTreeMap::new(),
+            slots: vec![Slot::default(); cfg.max_loras],
+            next_generation: 1,
+            clock: 0,
+        }
+    }
+
+    /// Registers (or re-registers, i.e. reloads) `name` at `path`; returns its new generation.
+    /// Returns the CPU copies that became unreachable, for the caller to drop.
+    pub fn register(&mut self, name: &str, path: &Path) -> (AdapterId, Vec<AdapterId>) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.known.insert(name.to_string(), Known { path: path.to_path_buf(), generation, error: None });
+        (AdapterId { name: name.to_string(), generation }, self.drop_stale_cpu(name))
+    }
+
+    /// Forgets `name`; running sequences keep their slots until they finish.
+    pub fn unregister(&mut self, name: &str) -> Option<Vec<AdapterId>> {
+        self.known.remove(name)?;
+        Some(self.drop_stale_cpu(name))
+    }
+
+    /// Names and current generations of every registered adapter.
+    pub fn names(&self) -> Vec<(String, u64)> {
+        self.known.iter().map(|(n, k)| (n.clone(), k.generation)).collect()
+    }
+
+    /// The current generation of `name`.
+    pub fn current(&self, name: &str) -> Option<AdapterId> {
+        self.known.get(name).map(|k| AdapterId { name: name.to_string(), generation: k.generation })
+    }
+
+    /// Whether the current generation of `name` sits in a slot (the scheduler prefers those).
+    pub fn is_resident(&self, name: &str) -> bool {
+        self.current(name).is_some_and(|id| self.slots.iter().any(|s| s.holds.as_ref() == Some(&id)))
+    }
+
+    /// Asks for a pinned slot holding the current generation of `name`.
+    pub fn acquire(&mut self, name: &str) -> Acquire {
+        let Some(known) = self.known.get(name) else { return Acquire::Unknown };
+        if let Some(e) = &known.error {
+            return Acquire::Failed(e.clone());
+        }
+        let id = AdapterId { name: name.to_string(), generation: known.generation };
+        let path = known.path.clone();
+        self.clock += 1;
+        if let Some(slot) = self.slots.iter().position(|s| s.holds.as_ref() == Some(&id)) {
+            let s = &mut self.slots[slot];
+            s.pins += 1;
+            s.last_used = self.clock;
+            return Acquire::Ready { slot, id };
+        }
+        if self.cpu.contains_key(&id) {
+            let Some(slot) = self.victim_slot() else { return Acquire::Wait };
+            self.cpu.insert(id.clone(), self.clock);
+            let s = &mut self.slots[slot];
+            let evicted = s.holds.replace(id.clone());
+            s.pins = 1;
+            s.last_used = self.clock;
+            return Acquire::CopyIn { slot, id, evicted };
+        }
+        if self.loading.contains_key(&id) {
+            return Acquire::Loading;
+        }
+        self.loading.insert(id.clone(), ());
+        Acquire::Load { id, path }
+    }
+
+    /// Unpins one use of `slot`.
+    pub fn release(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.pins = s.pins.saturating_sub(1);
+        }
+    }
+
+    /// A background load finished: `id` is now in the CPU tier. Returns CPU copies evicted
+    /// (least recently used first) to respect `max_cpu_loras`.
+    pub fn cpu_loaded(&mut self, id: AdapterId) -> Vec<AdapterId> {
+        self.loading.remove(&id);
+        if self.current(&id.name).as_ref() != Some(&id) {
+            return vec![id]; // reloaded or unregistered meanwhile: nobody can use it
+        }
+        self.clock += 1;
+        self.cpu.insert(id, self.clock);
+        let mut evicted = Vec::new();
+        while self.cpu.len() > self.cfg.max_cpu_loras.max(1) {
+            let oldest = self.cpu.iter().min_by_key(|(_, t)| **t).map(|(id, _)| id.clone()).expect("non-empty");
+            self.cpu.remove(&oldest);
+            evicted.push(oldest);
+        }
+        evicted
+    }
+
+    /// A background load failed; later `acquire`s of that name answer `Failed` until re-registered.
+    pub fn load_failed(&mut self, id: &AdapterId, message: String) {
+        self.loading.remove(id);
+        if let Some(k) = self.known.get_mut(&id.name).filter(|k| k.generation == id.generation) {
+            k.error = Some(message);
+        }
+    }
+
+    /// Pins held on `slot` (for tests and metrics).
+    pub fn pins(&self, slot: usize) -> usize {
+        self.slots.get(slot).map(|s| s.pins).unwrap_or(0)
+    }
+
+    /// What each slot holds.
+    pub fn slot_contents(&self) -> Vec<Option<AdapterId>> {
+        self.slots.iter().map(|s| s.holds.clone()).collect()
+    }
+
+    /// Adapters in the CPU tier.
+    pub fn cpu_contents(&self) -> Vec<AdapterId> {
+        self.cpu.keys().cloned().collect()
+    }
+
+    /// An empty slot, else the least recently used unpinned one (stale generations first).
+    fn victim_slot(&self) -> Option<usize> {
+        let stale = |s: &Slot| s.holds.as_ref().is_some_and(|id| self.current(&id.name).as_ref() != Some(id));
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.pins == 0)
+            .min_by_key(|(_, s)| (s.holds.is_some(), !stale(s), s.last_used))
+            .map(|(i, _)| i)
+    }
+
+    fn drop_stale_cpu(&mut self, name: &str) -> Vec<AdapterId> {
+        let current = self.current(name);
+        let stale: Vec<AdapterId> =
+            self.cpu.keys().filter(|id| id.name == name && Some(*id) != current.as_ref()).cloned().collect();
+        for id in &stale {
+            self.cpu.remove(id);
+        }
+        stale
+    }
+}
+
+/// Reads an adapter from disk (injected so tests can control timing).
+pub type AdapterLoader = dyn Fn(&Path) -> std::result::Result<LoraAdapter, LoraError> + Send + Sync;
+
+/// What a caller gets from [`AdapterRegistry::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotRequest {
+    /// Pinned in this slot; call `release(slot)` when the sequence ends.
+    Ready {
+        slot: usize,
+        id: AdapterId,
+    },
+    /// Not ready yet (loading, or every slot pinned): ask again next step.
+    Pending,
+    /// The adapter cannot be loaded.
+    Failed(String),
+    Unknown,
+}
+
+/// The three tiers with their data: policy state, host copies, device slots, loader thread.
+pub struct AdapterRegistry {
+    state: RegistryState,
+    cpu_data: BTreeMap<AdapterId, Arc<LoraAdapter>>,
+    bank: SlotBank,
+    jobs: mpsc::Sender<(AdapterId, PathBuf)>,
+    done: mpsc::Receiver<(AdapterId, std::result::Result<LoraAdapter, LoraError>)>,
+}
+
+impl AdapterRegistry {
+    /// A registry over `bank` whose disk reads run `loader` on a background thread.
+    pub fn new(cfg: RegistryConfig, bank: SlotBank, loader: Box<AdapterLoader>) -> Self {
+        let (jobs, job_rx) = mpsc::channel::<(AdapterId, PathBuf)>();
+        let (done_tx, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("lab-adapter-loader".into())
+            .spawn(move || {
+                for (id, path) in job_rx {
+                    if done_tx.send((id, loader(&path))).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn adapter loader thread");
+        Self { state: RegistryState::new(cfg), cpu_data: BTreeMap::new(), bank, jobs, done }
+    }
+
+    /// The policy state (read-only).
+    pub fn state(&self) -> &RegistryState {
+        &self.state
+    }
+
+    /// The device slots, for `Llama::forward_lora`.
+    pub fn bank(&self) -> &SlotBank {
+        &self.bank
+    }
+
+    /// Registers or reloads `name` (takes effect for sequences that acquire after this call).
+    pub fn register(&mut self, name: &str, path: &Path) -> AdapterId {
+        let (id, dropped) = self.state.register(name, path);
+        self.drop_cpu(dropped);
+        id
+    }
+
+    /// Forgets `name`; returns false if it was not registered.
+    pub fn unregister(&mut self, name: &str) -> bool {
+        match self.state.unregister(name) {
+            Some(dropped) => {
+                self.drop_cpu(dropped);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes finished background loads into the CPU tier (call once per step).
+    pub fn poll_loads(&mut self) {
+        while let Ok((id, result)) = self.done.try_recv() {
+            match result {
+                Ok(adapter) => {
+                    self.cpu_data.insert(id.clone(), Arc::new(adapter));
+                    let evicted = self.state.cpu_loaded(id);
+                    self.drop_cpu(evicted);
+                }
+                Err(e) => self.state.load_failed(&id, e.to_string()),
+            }
+        }
+    }
+
+    /// Pins a slot with the current generation of `name`, starting a load if needed.
+    pub fn acquire(&mut self, name: &str) -> Result<SlotRequest> {
+        Ok(match self.state.acquire(name) {
+            Acquire::Ready { slot, id } => SlotRequest::Ready { slot, id },
+            Acquire::CopyIn { slot, id, .. } => {
+                let data = self.cpu_data.get(&id).expect("CPU tier and data agree").clone();
+                if let Err(e) = self.bank.write(slot, &data) {
+                    self.state.release(slot);
+                    return Err(e);
+                }
+                SlotRequest::Ready { slot, id }
+            }
+            Acquire::Load { id, path } => {
+                let _ = self.jobs.send((id, path));
+                SlotRequest::Pending
+            }
+            Acquire::Loading | Acquire::Wait => SlotRequest::Pending,
+            Acquire::Failed(m) => SlotRequest::Failed(m),
+            Acquire::Unknown => SlotRequest::Unknown,
+        })
+    }
+
+    /// Unpins one use of `slot`.
+    pub fn release(&mut self, slot: usize) {
+        self.state.release(slot);
+    }
+
+    fn drop_cpu(&mut self, ids: Vec<AdapterId>) {
+        for id in ids {
+            self.cpu_data.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(max_loras: usize, max_cpu_loras: usize) -> RegistryState {
+        RegistryState::new(RegistryConfig { max_loras, max_cpu_loras })
+    }
+
+    /// Registers `name`, runs its load to completion, and acquires it: returns the slot.
+    fn bring_in(s: &mut RegistryState, name: &str) -> usize {
+        if s.current(name).is_none() {
+            s.register(name, Path::new(&format!("/adapters/{name}")));
+        }
+        loop {
+            match s.acquire(name) {
+                Acquire::Ready { slot, .. } | Acquire::CopyIn { slot, .. } => return slot,
+                Acquire::Load { id, .. } => {
+                    s.cpu_loaded(id);
+                }
+                other => panic!("{name}: unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_unpinned_slot() {
+        let mut s = state(2, 8);
+        let a = bring_in(&mut s, "a");
+        let b = bring_in(&mut s, "b");
+        s.release(a);
+        s.release(b);
+        // Touch a again so b becomes least recently used.
+        let a2 = bring_in(&mut s, "a");
+        assert_eq!(a2, a);
+        s.release(a);
+        bring_in(&mut s, "c");
+        let held: Vec<String> = s.slot_contents().into_iter().flatten().map(|id| id.name).collect();
+        assert!(held.contains(&"a".to_string()) && held.contains(&"c".to_string()), "{held:?}");
+    }
+
+    #[test]
+    fn a_pinned_slot_is_never_evicted_and_a_full_bank_waits() {
+        let mut s = state(2, 8);
+        let a = bring_in(&mut s, "a");
+        let b = bring_in(&mut s, "b");
+        s.register("c", Path::new("/adapters/c"));
+        let Acquire::Load { id, .. } = s.acquire("c") else { panic!("first acquire starts a load") };
+        assert_eq!(s.acquire("c"), Acquire::Loading);
+        s.cpu_loaded(id);
+        assert_eq!(s.acquire("c"), Acquire::Wait, "both slots pinned: wait, do not fail or evict");
+        assert_eq!(s.pins(a), 1);
+        assert_eq!(s.pins(b), 1);
+        s.release(b);
+        match s.acquire("c") {
+            Acquire::CopyIn { slot, evicted, .. } => {
+                assert_eq!(slot, b);
+                assert_eq!(evicted.unwrap().name, "b");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.slot_contents()[a].as_ref().unwrap().name, "a", "pinned a untouched");
+    }
+
+    #[test]
+    fn reload_gives_new_sequences_a_new_generation_and_keeps_running_ones() {
+        let mut s = state(2, 8);
+        let slot_old = bring_in(&mut s, "x");
+        let old = s.slot_contents()[slot_old].clone().unwrap();
+        let (new, dropped) = s.register("x", Path::new("/adapters/x-v2"));
+        assert!(new.generation > old.generation);
+        assert_eq!(dropped, vec![old.clone()], "the old CPU copy is unreachable now");
+        let slot_new = bring_in(&mut s, "x");
+        assert_ne!(slot_new, slot_old, "the running sequence keeps its pinned old generation");
+        assert_eq!(s.slot_contents()[slot_old].as_ref(), Some(&old));
+        assert_eq!(s.slot_contents()[slot_new].as_ref(), Some(&new));
+        // Once the old sequence ends, its stale slot is the first to be reused.
+        s.release(slot_old);
+        let y = bring_in(&mut s, "y");
+        assert_eq!(y, slot_old);
+        // A load of the old generation that finishes late is discarded.
+        assert_eq!(s.cpu_loaded(old.clone()), vec![old]);
+    }
+
+    #[test]
+    fn cpu_tier_evicts_least_recently_used_beyond_its_size() {
+        let mut s = state(1, 2);
+        for n in ["a", "b"] {
+            let slot = bring_in(&mut s, n);
+            s.release(slot);
+        }
+        let slot = bring_in(&mut s, "c");
+        s.release(slot);
+        let names: Vec<String> = s.cpu_contents().into_iter().map(|id| id.name).collect();
+        assert_eq!(names, vec!["b".to_string(), "c".to_string()]);
+        // "a" must be read from disk again.
+        assert!(matches!(s.acquire("a"), Acquire::Load { .. }));
+    }
+
+    #[test]
+    fn failures_and_unknown_names_are_reported() {
+        let mut s = state(1, 1);
+        assert_eq!(s.acquire("nope"), Acquire::Unknown);
+        s.register("bad", Path::new("/adapters/bad"));
+        let Acquire::Load { id, .. } = s.acquire("bad") else { panic!() };
+        s.load_failed(&id, "rank 64 exceeds --max-lora-rank 16".into());
+        assert!(matches!(s.acquire("bad"), Acquire::Failed(m) if m.contains("max-lora-rank")));
+        s.register("bad", Path::new("/adapters/bad-fixed"));
+        assert!(matches!(s.acquire("bad"), Acquire::Load { .. }), "re-registering clears the failure");
+        assert!(s.unregister("bad").is_some());
+        assert_eq!(s.acquire("bad"), Acquire::Unknown);
+    }
+}

@@ -1,0 +1,363 @@
+//! PEFT LoRA adapters: `adapter_config.json` + `adapter_model.safetensors` <-> [`LoraAdapter`].
+//!
+//! The PEFT format is the contract between `train-lora` and `serve` (and vLLM/PEFT). Keys are
+//! `base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight` and
+//! `...mlp.{gate,up,down}_proj...`; `A: [r, in]`, `B: [out, r]`; the update is
+//! `W' = W + s * B A` with `s = alpha / r` (or `alpha / sqrt(r)` with `use_rslora`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::config::LlamaConfig;
+
+/// The seven projections a LoRA may target, in PEFT's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LoraModule {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LoraModule {
+    pub const ALL: [LoraModule; 7] = [
+        LoraModule::Q,
+        LoraModule::K,
+        LoraModule::V,
+        LoraModule::O,
+        LoraModule::Gate,
+        LoraModule::Up,
+        LoraModule::Down,
+    ];
+
+    /// PEFT/HF module name (`q_proj`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraModule::Q => "q_proj",
+            LoraModule::K => "k_proj",
+            LoraModule::V => "v_proj",
+            LoraModule::O => "o_proj",
+            LoraModule::Gate => "gate_proj",
+            LoraModule::Up => "up_proj",
+            LoraModule::Down => "down_proj",
+        }
+    }
+
+    /// `self_attn` or `mlp`.
+    pub fn parent(self) -> &'static str {
+        match self {
+            LoraModule::Q | LoraModule::K | LoraModule::V | LoraModule::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// `(in, out)` of this projection in a model of shape `cfg`.
+    pub fn dims(self, cfg: &LlamaConfig) -> (usize, usize) {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        match self {
+            LoraModule::Q => (h, cfg.q_dim()),
+            LoraModule::K | LoraModule::V => (h, cfg.kv_dim()),
+            LoraModule::O => (cfg.q_dim(), h),
+            LoraModule::Gate | LoraModule::Up => (h, i),
+            LoraModule::Down => (i, h),
+        }
+    }
+}
+
+/// One projection of one layer: where a LoRA pair applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProjKey {
+    pub layer: usize,
+    pub module: LoraModule,
+}
+
+impl ProjKey {
+    /// PEFT tensor key prefix, e.g. `base_model.model.model.layers.3.self_attn.q_proj`.
+    pub fn peft_prefix(self) -> String {
+        format!("base_model.model.model.layers.{}.{}.{}", self.layer, self.module.parent(), self.module.name())
+    }
+}
+
+/// Why an adapter was refused; each message names the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("adapter not found: {0} (expected a directory with adapter_config.json and adapter_model.safetensors)")]
+    NotFound(PathBuf),
+    #[error("{0}: adapter_model.bin (pickle) is not supported; convert it to adapter_model.safetensors (PEFT: save_pretrained(..., safe_serialization=True))")]
+    BinFormat(PathBuf),
+    #[error("adapter_config.json: {0}")]
+    Config(String),
+    #[error("unsupported adapter: {0}")]
+    Unsupported(String),
+    #[error("adapter rank {rank} exceeds --max-lora-rank {max}")]
+    RankTooLarge { rank: usize, max: usize },
+    #[error("adapter does not fit the base model: {0}")]
+    ShapeMismatch(String),
+    #[error("adapter weight {0} contains NaN or Inf")]
+    NonFinite(String),
+    #[error("io error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `adapter_config.json` (the fields that change the math, plus what refusals need).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub bias: Option<String>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub lora_dropout: f64,
+}
+
+/// PEFT's `target_modules`: a list of names, or one string (a name or `all-linear`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+impl AdapterConfig {
+    /// A plain LoRA config for `modules` (what `lab train-lora` writes).
+    pub fn new(r: usize, lora_alpha: f64, modules: &[LoraModule], use_rslora: bool, base: &str) -> Self {
+        Self {
+            peft_type: "LORA".into(),
+            r,
+            lora_alpha,
+            target_modules: TargetModules::List(modules.iter().map(|m| m.name().to_string()).collect()),
+            use_rslora,
+            use_dora: false,
+            modules_to_save: None,
+            base_model_name_or_path: Some(base.to_string()),
+            task_type: Some("CAUSAL_LM".into()),
+            fan_in_fan_out: false,
+            bias: Some("none".into()),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            lora_dropout: 0.0,
+        }
+    }
+
+    /// The LoRA scale `s` in `W + s * B A`.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+
+    /// Refuses what `lab` does not implement, naming the cause.
+    fn check_supported(&self) -> Result<(), LoraError> {
+        let no = |m: &str| Err(LoraError::Unsupported(m.to_string()));
+        if self.peft_type != "LORA" {
+            return no(&format!("peft_type {} (only LORA)", self.peft_type));
+        }
+        if self.use_dora {
+            return no("DoRA (use_dora=true)");
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return no("modules_to_save (full copies of base modules)");
+        }
+        if self.fan_in_fan_out {
+            return no("fan_in_fan_out=true (Conv1D layout)");
+        }
+        if self.bias.as_deref().is_some_and(|b| b != "none") {
+            return no("LoRA bias (bias != none)");
+        }
+        if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
+            return no("rank_pattern/alpha_pattern (per-module ranks)");
+        }
+        let names: Vec<String> = match &self.target_modules {
+            TargetModules::List(l) => l.clone(),
+            TargetModules::One(s) if s == "all-linear" => vec![],
+            TargetModules::One(s) => vec![s.clone()],
+        };
+        for n in &names {
+            if n == "embed_tokens" || n == "lm_head" {
+                return no(&format!("LoRA on {n} (embedding/lm_head)"));
+            }
+            if LoraModule::from_name(n).is_none() {
+                return no(&format!("target module {n} (lab supports q/k/v/o/gate/up/down_proj)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parsed, validated adapter: per projection, `A: [r, in]`, `B: [out, r]`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub config: AdapterConfig,
+    pub weights: BTreeMap<ProjKey, (Tensor, Tensor)>,
+}
+
+impl LoraAdapter {
+    /// The adapter's rank.
+    pub fn rank(&self) -> usize {
+        self.config.r
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.config.scale()
+    }
+
+    /// Reads and validates a PEFT adapter directory against the base shape `cfg`.
+    pub fn load(
+        dir: &Path,
+        cfg: &LlamaConfig,
+        max_rank: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, LoraError> {
+        let config_path = dir.join("adapter_config.json");
+        let weights_path = dir.join("adapter_model.safetensors");
+        if !weights_path.is_file() && dir.join("adapter_model.bin").is_file() {
+            return Err(LoraError::BinFormat(dir.join("adapter_model.bin")));
+        }
+        if !config_path.is_file() || !weights_path.is_file() {
+            return Err(LoraError::NotFound(dir.to_path_buf()));
+        }
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|e| LoraError::Io { path: config_path.clone(), source: e })?;
+        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| LoraError::Config(e.to_string()))?;
+        config.check_supported()?;
+        if config.r > max_rank {
+            return Err(LoraError::RankTooLarge { rank: config.r, max: max_rank });
+        }
+        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)?;
+        let weights = parse_tensors(tensors, &config, cfg)?;
+        let weights = weights
+            .into_iter()
+            .map(|(k, (a, b))| Ok((k, (a.to_dtype(dtype)?.to_device(device)?, b.to_dtype(dtype)?.to_device(device)?))))
+            .collect::<Result<_, LoraError>>()?;
+        Ok(Self { config, weights })
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, each atomically
+    /// (temp file + rename), in f32.
+    pub fn save(&self, dir: &Path) -> Result<(), LoraError> {
+        let io = |path: &Path, e| LoraError::Io { path: path.to_path_buf(), source: e };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        for (key, (a, b)) in &self.weights {
+            let p = key.peft_prefix();
+            map.insert(format!("{p}.lora_A.weight"), a.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+            map.insert(format!("{p}.lora_B.weight"), b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+        }
+        let tmp = dir.join(".adapter_model.safetensors.tmp");
+        candle_core::safetensors::save(&map, &tmp)?;
+        let dest = dir.join("adapter_model.safetensors");
+        std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+        let json = serde_json::to_string_pretty(&self.config).expect("config serializes");
+        let tmp = dir.join(".adapter_config.json.tmp");
+        std::fs::write(&tmp, json).map_err(|e| io(&tmp, e))?;
+        let dest = dir.join("adapter_config.json");
+        std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))
+    }
+}
+
+/// PEFT keys -> validated `(A, B)` pairs.
+fn parse_tensors(
+    tensors: HashMap<String, Tensor>,
+    config: &AdapterConfig,
+    cfg: &LlamaConfig,
+) -> Result<BTreeMap<ProjKey, (Tensor, Tensor)>, LoraError> {
+    let mut a_map = BTreeMap::new();
+    let mut b_map = BTreeMap::new();
+    for (name, t) in tensors {
+        if name.contains("lora_embedding") || name.contains("embed_tokens") || name.contains("lm_head") {
+            return Err(LoraError::Unsupported(format!("LoRA on embeddings/lm_head ({name})")));
+        }
+        if name.contains("lora_magnitude_vector") {
+            return Err(LoraError::Unsupported(format!("DoRA ({name})")));
+        }
+        if name.contains("modules_to_save") {
+            return Err(LoraError::Unsupported(format!("modules_to_save ({name})")));
+        }
+        let (key, is_a) = parse_key(&name).ok_or_else(|| LoraError::Unsupported(format!("tensor {name}")))?;
+        if key.layer >= cfg.num_hidden_layers {
+            return Err(LoraError::ShapeMismatch(format!(
+                "{name}: layer {} but the base has {}",
+                key.layer, cfg.num_hidden_layers
+            )));
+        }
+        let finite = t.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+        if !finite {
+            return Err(LoraError::NonFinite(name));
+        }
+        let (inp, out) = key.module.dims(cfg);
+        let want = if is_a { vec![config.r, inp] } else { vec![out, config.r] };
+        if t.dims() != want.as_slice() {
+            if t.rank() == 2 && (if is_a { t.dim(1)? == inp } else { t.dim(0)? == out }) {
+                return Err(LoraError::Config(format!("{name} has rank {:?} but r = {}", t.dims(), config.r)));
+            }
+            return Err(LoraError::ShapeMismatch(format!("{name} is {:?}, the base needs {:?}", t.dims(), want)));
+        }
+        if is_a {
+            a_map.insert(key, t)
+        } else {
+            b_map.insert(key, t)
+        };
+    }
+    let mut out = BTreeMap::new();
+    for (key, a) in a_map {
+        let b = b_map
+            .remove(&key)
+            .ok_or_else(|| LoraError::ShapeMismatch(format!("{}: lora_A without lora_B", key.peft_prefix())))?;
+        out.insert(key, (a, b));
+    }
+    if let Some(key) = b_map.keys().next() {
+        return Err(LoraError::ShapeMismatch(format!("{}: lora_B without lora_A", key.peft_prefix())));
+    }
+    if out.is_empty() {
+        return Err(LoraError::Config("no LoRA weights in adapter_model.safetensors".into()));
+    }
+    Ok(out)
+}
+
+/// `base_model.model.model.layers.{i}.{parent}.{module}.lora_{A|B}[.default].weight`.
+fn parse_key(name: &str) -> Option<(ProjKey, bool)> {
+    let rest = name.strip_prefix("base_model.model.model.layers.")?;
+    let rest = rest.strip_suffix(".weight")?;
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    let parts: Vec<&str> = rest.split('.').collect();
+    let [layer, _parent, module, ab] = parts.as_slice() else { return None };
+    let is_a = match *ab {
+        "lora_A" => true,
+        "lora_B" => false,
+        _ => return None,
+    };
+    Some((ProjKey { layer: layer.parse().ok()?, module: LoraModule::from_name(module)? }, is_a))
+}

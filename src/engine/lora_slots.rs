@@ -1,0 +1,109 @@
+//! `SlotBank`: `--max-loras` preallocated device slots of `--max-lora-rank`.
+//!
+//! Per projection one stacked `A: [slots, R, in]` and `B^T: [slots, R, out]` (R = max rank),
+//! allocated once. Loading an adapter overwrites its slot in place (no allocation, no effect on
+//! other slots); a slot of rank `r < R` is read as its first `r` rows, so it costs rank `r`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::LlamaConfig;
+use super::lora::{LoraAdapter, LoraModule, ProjKey};
+use super::lora_op::LoraWeights;
+use super::{EngineError, Result};
+
+#[derive(Debug, Clone)]
+struct SlotMeta {
+    rank: usize,
+    scale: f64,
+    keys: BTreeSet<ProjKey>,
+}
+
+/// Fixed device storage for the adapters the running batch may use.
+pub struct SlotBank {
+    max_rank: usize,
+    a: BTreeMap<ProjKey, Tensor>,
+    bt: BTreeMap<ProjKey, Tensor>,
+    meta: Vec<Option<SlotMeta>>,
+}
+
+impl SlotBank {
+    /// Allocates `slots` slots of rank `max_rank` for every projection of `cfg`.
+    pub fn new(cfg: &LlamaConfig, slots: usize, max_rank: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let mut a = BTreeMap::new();
+        let mut bt = BTreeMap::new();
+        for layer in 0..cfg.num_hidden_layers {
+            for module in LoraModule::ALL {
+                let (inp, out) = module.dims(cfg);
+                let key = ProjKey { layer, module };
+                a.insert(key, Tensor::zeros((slots, max_rank, inp), dtype, device)?);
+                bt.insert(key, Tensor::zeros((slots, max_rank, out), dtype, device)?);
+            }
+        }
+        Ok(Self { max_rank, a, bt, meta: vec![None; slots] })
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// Device bytes held by the bank.
+    pub fn bytes(&self) -> usize {
+        self.a.values().chain(self.bt.values()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+
+    /// Copies `adapter` into `slot`, replacing whatever was there.
+    pub fn write(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<()> {
+        let r = adapter.rank();
+        if r > self.max_rank || slot >= self.meta.len() {
+            return Err(EngineError::Weights(format!("adapter rank {r} / slot {slot} does not fit the slot bank")));
+        }
+        self.meta[slot] = None;
+        for (key, (a, b)) in &adapter.weights {
+            let (Some(dst_a), Some(dst_bt)) = (self.a.get(key), self.bt.get(key)) else {
+                return Err(EngineError::Weights(format!("{} has no slot storage", key.peft_prefix())));
+            };
+            dst_a.slice_set(&pad_rows(a, self.max_rank, dst_a.dtype())?.unsqueeze(0)?, 0, slot)?;
+            dst_bt.slice_set(&pad_rows(&b.t()?, self.max_rank, dst_bt.dtype())?.unsqueeze(0)?, 0, slot)?;
+        }
+        self.meta[slot] =
+            Some(SlotMeta { rank: r, scale: adapter.scale(), keys: adapter.weights.keys().copied().collect() });
+        Ok(())
+    }
+
+    /// Marks `slot` empty (its storage is simply overwritten by the next write).
+    pub fn clear(&mut self, slot: usize) {
+        if let Some(m) = self.meta.get_mut(slot) {
+            *m = None;
+        }
+    }
+}
+
+/// `[r, n]` -> `[R, n]` with zero rows below, contiguous, in `dtype`.
+fn pad_rows(t: &Tensor, rows: usize, dtype: DType) -> Result<Tensor> {
+    let (r, n) = t.dims2()?;
+    let t = t.to_dtype(dtype)?;
+    if r == rows {
+        return Ok(t.contiguous()?);
+    }
+    let zeros = Tensor::zeros((rows - r, n), dtype, t.device())?;
+    Ok(Tensor::cat(&[&t, &zeros], 0)?)
+}
+
+impl LoraWeights for SlotBank {
+    fn lora(&self, slot: usize, key: ProjKey) -> Result<Option<(Tensor, Tensor, f64)>> {
+        let Some(Some(meta)) = self.meta.get(slot) else { return Ok(None) };
+        if !meta.keys.contains(&key) {
+            return Ok(None);
+        }
+        let a = self.a[&key].get(slot)?.narrow(0, 0, meta.rank)?;
+        let bt = self.bt[&key].get(slot)?.narrow(0, 0, meta.rank)?;
+        Ok(Some((a, bt, meta.scale)))
+    }
+}
