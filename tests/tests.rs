@@ -3,5 +3,7 @@
 mod util;
 
 mod cli;
+mod lora;
 mod model_parity;
+mod peft_interop;
 mod tokenizer;

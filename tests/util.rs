@@ -50,3 +50,28 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     diff / scale.max(1e-12)
 }
+
+/// A random adapter of rank `r` on `modules` for `cfg` (B non-zero, so it changes outputs).
+pub fn random_adapter(
+    cfg: &LlamaConfig,
+    r: usize,
+    modules: &[lab::engine::lora::LoraModule],
+    rslora: bool,
+    seed: u64,
+) -> lab::engine::lora::LoraAdapter {
+    use lab::engine::lora::{AdapterConfig, LoraAdapter, ProjKey};
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rand_t = |rows: usize, cols: usize, a: f32| {
+        let v: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-a..a)).collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    };
+    let mut weights = std::collections::BTreeMap::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for &module in modules {
+            let (inp, out) = module.dims(cfg);
+            weights.insert(ProjKey { layer, module }, (rand_t(r, inp, 0.5), rand_t(out, r, 0.5)));
+        }
+    }
+    LoraAdapter { config: AdapterConfig::new(r, 2.0 * r as f64, modules, rslora, "test"), weights }
+}

@@ -138,6 +138,15 @@ pub struct AdapterConfig {
     pub alpha_pattern: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     pub lora_dropout: f64,
+    /// PEFT's LoRA-B bias (not supported).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lora_bias: bool,
+    /// PEFT's trainable token embeddings (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<serde_json::Value>,
+    /// PEFT's LoRA on raw parameters, e.g. MoE experts (not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<serde_json::Value>,
 }
 
 /// PEFT's `target_modules`: a list of names, or one string (a name or `all-linear`).
@@ -166,6 +175,9 @@ impl AdapterConfig {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             lora_dropout: 0.0,
+            lora_bias: false,
+            trainable_token_indices: None,
+            target_parameters: None,
         }
     }
 
@@ -193,7 +205,13 @@ impl AdapterConfig {
         if self.fan_in_fan_out {
             return no("fan_in_fan_out=true (Conv1D layout)");
         }
-        if self.bias.as_deref().is_some_and(|b| b != "none") {
+        if self.trainable_token_indices.as_ref().is_some_and(|v| !v.is_null()) {
+            return no("trainable_token_indices (embedding updates)");
+        }
+        if self.target_parameters.as_ref().is_some_and(|v| !v.is_null()) {
+            return no("target_parameters (LoRA on raw parameters)");
+        }
+        if self.lora_bias || self.bias.as_deref().is_some_and(|b| b != "none") {
             return no("LoRA bias (bias != none)");
         }
         if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
@@ -313,7 +331,8 @@ fn parse_tensors(
                 key.layer, cfg.num_hidden_layers
             )));
         }
-        let finite = t.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+        // A sum (in f64, so it cannot overflow) is NaN/Inf iff some element is; `max` skips NaN.
+        let finite = t.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?.is_finite();
         if !finite {
             return Err(LoraError::NonFinite(name));
         }

@@ -32,7 +32,7 @@ pub trait LoraWeights {
 }
 
 /// A plain list of adapters, slot = index (training, tests, `lab generate --adapter`).
-impl LoraWeights for [&LoraAdapter] {
+impl LoraWeights for Vec<&LoraAdapter> {
     fn lora(&self, slot: usize, key: ProjKey) -> Result<Option<(Tensor, Tensor, f64)>> {
         let Some(adapter) = self.get(slot) else { return Ok(None) };
         match adapter.weights.get(&key) {
