@@ -44,6 +44,12 @@ pub struct BenchArgs {
     /// Decode steps timed per batch size (after one warm-up step).
     #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
+    /// Distinct adapters in the batch (rows spread round-robin; 0 = base only), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub adapters: Vec<usize>,
+    /// Rank of the random benchmark adapters (all seven projections).
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
     /// Print one JSON object per batch size instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -100,6 +106,15 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Named adapters, `NAME=PATH` (repeatable; PEFT directories).
+    #[arg(long = "lora", value_name = "NAME=PATH")]
+    pub loras: Vec<String>,
+    /// Adapter to apply: a name from --lora, or a PEFT directory.
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// Largest adapter rank accepted.
+    #[arg(long, default_value_t = 64)]
+    pub max_lora_rank: usize,
 }
 
 /// Arguments of a subcommand that is not built yet.

@@ -9,6 +9,7 @@ use super::device_and_dtype;
 use crate::cli::GenerateArgs;
 use crate::engine::generate::generate;
 use crate::engine::loader::load_model;
+use crate::engine::lora::LoraAdapter;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::source::{lab_home, ModelSource};
 use crate::engine::tokenizer::{ChatMessage, Tokenizer};
@@ -19,6 +20,22 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let source = ModelSource::parse(args.model.model.as_deref())?;
     let loaded = load_model(&source, &lab_home(), dtype, &device)?;
     super::report_loaded(&loaded);
+    let adapter = match &args.adapter {
+        Some(a) => {
+            let dir = resolve_adapter(a, &args.loras)?;
+            let cfg = loaded.model.config();
+            let adapter = LoraAdapter::load(&dir, cfg, args.max_lora_rank, dtype, &device)
+                .with_context(|| format!("adapter {a} ({})", dir.display()))?;
+            eprintln!(
+                "lab: adapter {a}: rank {}, scale {:.3}, {} projections",
+                adapter.rank(),
+                adapter.scale(),
+                adapter.weights.len()
+            );
+            Some(adapter)
+        }
+        None => None,
+    };
     let prompt_ids = prompt_ids(args, &loaded.tokenizer)?;
     let params = SamplingParams {
         temperature: args.temperature,
@@ -31,7 +48,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let stream = !args.json;
     let mut stdout = std::io::stdout();
-    let gen = generate(&loaded.model, &loaded.tokenizer, &prompt_ids, &params, |piece| {
+    let gen = generate(&loaded.model, adapter.as_ref(), &loaded.tokenizer, &prompt_ids, &params, |piece| {
         if stream && !piece.is_empty() {
             let _ = write!(stdout, "{piece}");
             let _ = stdout.flush();
@@ -40,6 +57,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.json {
         let out = json!({
             "model": loaded.name,
+            "adapter": args.adapter,
             "synthetic": loaded.synthetic,
             "prompt_ids": prompt_ids,
             "output_ids": gen.output_ids,
@@ -82,4 +100,19 @@ fn read_messages(path: &std::path::Path) -> anyhow::Result<Vec<ChatMessage>> {
     serde_json::from_value(list).with_context(|| {
         format!("{}: expected an OpenAI messages array [{{\"role\": ..., \"content\": ...}}]", path.display())
     })
+}
+
+/// `--adapter NAME` (from `--lora NAME=PATH`) or `--adapter PATH` -> the adapter directory.
+fn resolve_adapter(adapter: &str, loras: &[String]) -> anyhow::Result<std::path::PathBuf> {
+    for spec in loras {
+        let (name, path) = spec.split_once('=').with_context(|| format!("--lora {spec}: expected NAME=PATH"))?;
+        if name == adapter {
+            return Ok(path.into());
+        }
+    }
+    let p = std::path::Path::new(adapter);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    anyhow::bail!("unknown adapter {adapter}: pass --lora {adapter}=PATH or a PEFT adapter directory")
 }

@@ -4,6 +4,8 @@ use std::time::Instant;
 
 use super::detokenizer::Detokenizer;
 use super::kv_cache::{BatchCaches, SeqCache};
+use super::lora::LoraAdapter;
+use super::lora_op::LoraWeights;
 use super::model::{Llama, LogitsAt, PackedBatch};
 use super::sampler::{FinishReason, Sampler, SamplingParams};
 use super::tokenizer::Tokenizer;
@@ -21,9 +23,11 @@ pub struct Generation {
     pub decode_tokens_per_s: f64,
 }
 
-/// Generates from `prompt_ids`, calling `on_text` with each piece of text as it becomes final.
+/// Generates from `prompt_ids` (with `adapter` applied, if any), calling `on_text` with each
+/// piece of text as it becomes final.
 pub fn generate(
     model: &Llama,
+    adapter: Option<&LoraAdapter>,
     tok: &Tokenizer,
     prompt_ids: &[u32],
     params: &SamplingParams,
@@ -33,6 +37,8 @@ pub fn generate(
         return Err(EngineError::Tokenizer("empty prompt: nothing to generate from".into()));
     }
     let max_len = model.config().max_position_embeddings;
+    let adapters: Vec<&LoraAdapter> = adapter.into_iter().collect();
+    let slot = adapter.map(|_| 0);
     let mut cache = SeqCache::new(model.config().num_hidden_layers, 256);
     let mut sampler = Sampler::new(params);
     let mut detok = Detokenizer::new(params.stop.clone());
@@ -44,8 +50,9 @@ pub fn generate(
     let mut t_decode = t0;
     while out.len() < params.max_tokens && cache.len() + next_input.len() <= max_len {
         let mut batch = PackedBatch::default();
-        batch.push(&next_input, cache.len());
-        let logits = model.forward(&batch, &mut BatchCaches(vec![&mut cache]), LogitsAt::Last)?;
+        batch.push_with_slot(&next_input, cache.len(), slot);
+        let lora = Some(&adapters as &dyn LoraWeights);
+        let logits = model.forward_lora(&batch, &mut BatchCaches(vec![&mut cache]), lora, LogitsAt::Last)?;
         if out.is_empty() {
             prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
             t_decode = Instant::now();

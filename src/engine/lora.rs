@@ -275,12 +275,37 @@ impl LoraAdapter {
             return Err(LoraError::RankTooLarge { rank: config.r, max: max_rank });
         }
         let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)?;
-        let weights = parse_tensors(tensors, &config, cfg)?;
+        let weights = parse_tensors(tensors, &config, cfg).map_err(|e| match (e, &config.base_model_name_or_path) {
+            (LoraError::ShapeMismatch(m), Some(base)) => {
+                LoraError::ShapeMismatch(format!("{m} (adapter made for {base})"))
+            }
+            (e, _) => e,
+        })?;
         let weights = weights
             .into_iter()
             .map(|(k, (a, b))| Ok((k, (a.to_dtype(dtype)?.to_device(device)?, b.to_dtype(dtype)?.to_device(device)?))))
             .collect::<Result<_, LoraError>>()?;
         Ok(Self { config, weights })
+    }
+
+    /// A random adapter of rank `r` on every projection of `cfg` (PEFT-style A, non-zero B):
+    /// stands in for customers' adapters in benchmarks, never for a trained one.
+    pub fn random(cfg: &LlamaConfig, r: usize, seed: u64, dtype: DType, device: &Device) -> Result<Self, LoraError> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut weights = BTreeMap::new();
+        for layer in 0..cfg.num_hidden_layers {
+            for module in LoraModule::ALL {
+                let (inp, out) = module.dims(cfg);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..r * inp).map(|_| rng.gen_range(-bound..bound)).collect();
+                let b: Vec<f32> = (0..out * r).map(|_| rng.gen_range(-0.01f32..0.01)).collect();
+                let a = Tensor::from_vec(a, (r, inp), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+                let b = Tensor::from_vec(b, (out, r), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+                weights.insert(ProjKey { layer, module }, (a, b));
+            }
+        }
+        Ok(Self { config: AdapterConfig::new(r, 2.0 * r as f64, &LoraModule::ALL, false, "random"), weights })
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, each atomically
