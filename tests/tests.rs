@@ -7,3 +7,4 @@ mod lora;
 mod model_parity;
 mod peft_interop;
 mod tokenizer;
+mod train;

@@ -36,12 +36,21 @@ impl RmsNorm {
             OpsMode::Fused => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?,
             OpsMode::Differentiable => {
                 let dtype = x.dtype();
-                let xf = x.to_dtype(DType::F32)?;
+                let xf = x.to_dtype(at_least_f32(dtype))?;
                 let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
                 let normed = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
                 normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?
             }
         })
+    }
+}
+
+/// Accumulation dtype for reductions: f32, or f64 when the model runs in f64 (gradient checks).
+pub fn at_least_f32(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

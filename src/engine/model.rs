@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
 use super::kv_cache::KvStore;
-use super::layers::{OpsMode, Proj, RmsNorm, Rope};
+use super::layers::{at_least_f32, OpsMode, Proj, RmsNorm, Rope};
 use super::lora::{LoraModule, ProjKey};
 use super::lora_op::{apply_lora, LoraWeights, RowGroups};
 use super::Result;
@@ -60,12 +60,15 @@ impl PackedBatch {
 }
 
 /// Which positions the forward returns logits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitsAt {
     /// `[num_seqs, vocab]`: each sequence's last new token (generation).
     Last,
-    /// `[num_tokens, vocab]`: every packed token (training, scoring).
+    /// `[num_tokens, vocab]`: every packed token (scoring).
     All,
+    /// `[rows.len(), vocab]`: these packed token indices only (training: the tokens that have a
+    /// loss), which spares the lm_head and its activations on every other row.
+    Rows(Vec<u32>),
 }
 
 #[derive(Debug, Clone)]
@@ -170,7 +173,7 @@ impl Llama {
 
     /// One forward over a packed batch. `kv` keeps each sequence's keys/values between calls.
     ///
-    /// Returns f32 logits, `[num_seqs, vocab]` for [`LogitsAt::Last`] or `[num_tokens, vocab]`
+    /// Returns f32 logits (f64 for an f64 model), `[num_seqs, vocab]` for [`LogitsAt::Last`] or `[num_tokens, vocab]`
     /// for [`LogitsAt::All`].
     pub fn forward(&self, batch: &PackedBatch, kv: &mut dyn KvStore, at: LogitsAt) -> Result<Tensor> {
         self.forward_lora(batch, kv, None, at)
@@ -207,12 +210,16 @@ impl Llama {
             let up = proj(&m.up_proj, &h, l, LoraModule::Up, lora)?;
             x = (x + proj(&m.down_proj, &(gate * up)?, l, LoraModule::Down, lora)?)?;
         }
-        if at == LogitsAt::Last {
-            let last = Tensor::new(batch.last_indices(), &self.device)?;
-            x = x.index_select(&last, 0)?;
+        let rows = match at {
+            LogitsAt::Last => Some(batch.last_indices()),
+            LogitsAt::Rows(r) => Some(r),
+            LogitsAt::All => None,
+        };
+        if let Some(rows) = rows {
+            x = x.index_select(&Tensor::new(rows, &self.device)?, 0)?;
         }
         let x = self.norm.forward(&x, self.mode)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&x)?.to_dtype(at_least_f32(self.dtype))?)
     }
 
     /// Grouped-query attention of every sequence against its own cached past.
@@ -263,8 +270,8 @@ impl Llama {
             scores = scores.reshape((nkv, rep, l, s))?.broadcast_add(&mask)?.reshape((nkv, rep * l, s))?;
         }
         let probs = match self.mode {
-            OpsMode::Fused => candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?,
-            OpsMode::Differentiable => candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?,
+            OpsMode::Fused => candle_nn::ops::softmax_last_dim(&scores.to_dtype(at_least_f32(self.dtype))?)?,
+            OpsMode::Differentiable => candle_nn::ops::softmax(&scores.to_dtype(at_least_f32(self.dtype))?, D::Minus1)?,
         }
         .to_dtype(v.dtype())?;
         let o = probs.matmul(&v)?; // [KVH, rep * L, D]
