@@ -264,3 +264,28 @@ fn loading_an_adapter_never_blocks_a_step_that_does_not_need_it() {
     };
     assert_ne!(slow_slot, ready_slot);
 }
+
+#[test]
+fn batched_generation_equals_one_at_a_time() {
+    use lab::engine::generate::{generate, generate_batch, BatchPrompt};
+    use lab::engine::gguf::GgufFile;
+    use lab::engine::sampler::SamplingParams;
+    use lab::engine::tokenizer::Tokenizer;
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&crate::util::default_gguf()).unwrap()).unwrap();
+    let model = random_llama(13);
+    let (a1, _) = two_adapters(&model);
+    let list: Vec<&LoraAdapter> = vec![&a1];
+    let params = SamplingParams { max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let prompts = vec![
+        BatchPrompt { ids: vec![5, 6, 7], slot: None },
+        BatchPrompt { ids: vec![9, 10, 11, 12, 13, 14, 15], slot: Some(0) },
+        BatchPrompt { ids: vec![20], slot: Some(0) },
+    ];
+    let batched = generate_batch(&model, Some(&list), &tok, &prompts, &params).unwrap();
+    for (p, b) in prompts.iter().zip(&batched) {
+        let alone = generate(&model, p.slot.map(|_| &a1), &tok, &p.ids, &params, |_| {}).unwrap();
+        assert_eq!(b.output_ids, alone.output_ids);
+        assert_eq!(b.output_ids.len(), 8);
+    }
+    assert_ne!(batched[1].output_ids, batched[2].output_ids);
+}

@@ -118,3 +118,40 @@ fn packed_batch_equals_each_sequence_alone() {
         assert!(err < 1e-4, "sequence {i} last: rel err {err}");
     }
 }
+
+#[test]
+fn paged_cache_gives_the_contiguous_cache_logits_and_frees_its_blocks() {
+    use lab::engine::paged_kv::{BlockTable, PagedKvCache};
+    let model = random_llama(12);
+    let cfg = model.config().clone();
+    let mut paged = PagedKvCache::new(&cfg, 16, 4, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let mut tables = vec![BlockTable::default(), BlockTable::default()];
+    let mut contiguous = vec![SeqCache::new(cfg.num_hidden_layers, 4), SeqCache::new(cfg.num_hidden_layers, 4)];
+    // Chunked prefill of 6 and 9 tokens, then three decode steps, crossing block boundaries.
+    let steps: Vec<[Vec<u32>; 2]> = vec![
+        [vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9, 10, 11, 12, 13, 14, 15]],
+        [vec![16], vec![17]],
+        [vec![18], vec![19]],
+        [vec![20], vec![21]],
+    ];
+    for step in &steps {
+        let mut batch = PackedBatch::default();
+        for (s, toks) in step.iter().enumerate() {
+            let past = tables[s].len();
+            assert!(paged.reserve(&mut tables[s], past + toks.len()));
+            batch.push(toks, past);
+        }
+        let want = model.forward(&batch, &mut BatchCaches(contiguous.iter_mut().collect()), LogitsAt::All).unwrap();
+        let got = model.forward(&batch, &mut paged.batch(tables.iter_mut().collect()), LogitsAt::All).unwrap();
+        assert!(rel_err(&got, &want) < 1e-6);
+    }
+    assert_eq!(tables[0].len(), 9);
+    assert_eq!(paged.num_free_blocks(), 16 - 3 - 3);
+    for t in tables.iter_mut() {
+        paged.release(t);
+    }
+    assert_eq!(paged.num_free_blocks(), 16);
+    let mut big = BlockTable::default();
+    assert!(!paged.reserve(&mut big, 65), "more positions than the pool holds");
+    assert_eq!(paged.num_free_blocks(), 16, "a failed reserve takes nothing");
+}

@@ -72,7 +72,7 @@ fn lora_gradients_match_central_finite_differences_for_every_module() {
                 .unwrap();
             let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
             for idx in [0, base.len() / 2, base.len() - 1] {
-                let mut set = |delta: f64| {
+                let set = |delta: f64| {
                     let mut v = base.clone();
                     v[idx] += delta;
                     var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
@@ -120,5 +120,76 @@ fn masked_prompt_tokens_contribute_nothing_to_the_loss() {
         } else {
             assert_eq!(*gt, 0.0, "row {t} is masked");
         }
+    }
+}
+
+fn write_chat_jsonl(path: &std::path::Path, n: usize) {
+    let mut lines = String::new();
+    for i in 0..n {
+        let line = serde_json::json!({"messages": [
+            {"role": "user", "content": format!("What is {i} plus {}?", i * 3)},
+            {"role": "assistant", "content": format!("{i} plus {} is {}.", i * 3, i * 4)}
+        ]});
+        lines.push_str(&format!("{line}\n"));
+    }
+    std::fs::write(path, lines).unwrap();
+}
+
+fn train_cmd(data: &std::path::Path, out: &std::path::Path, resume: bool) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lab"));
+    c.args(["train-lora", "--model", "synthetic:tiny", "--data"]).arg(data).arg("--out").arg(out);
+    c.args(["--max-steps", "300", "--checkpoint-every", "20", "--batch-size", "2", "--rank", "4", "--seed", "3"]);
+    if resume {
+        c.arg("--resume");
+    }
+    c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    c
+}
+
+fn adapter_tensors(dir: &std::path::Path) -> std::collections::HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn kill_9_then_resume_ends_with_the_uninterrupted_adapter() {
+    let root = std::env::temp_dir().join(format!("lab-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let data = root.join("data.jsonl");
+    write_chat_jsonl(&data, 24);
+    let (straight, killed) = (root.join("straight"), root.join("killed"));
+    assert!(train_cmd(&data, &straight, false).status().unwrap().success());
+
+    let mut child = train_cmd(&data, &killed, false).spawn().unwrap();
+    let latest = killed.join("checkpoints/latest");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&latest).map(|s| s.trim() < "step-0000100").unwrap_or(true) {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("adapter_model.safetensors").exists(), "killed before the end: no final adapter yet");
+    for entry in std::fs::read_dir(killed.join("checkpoints")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("step-") {
+            for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "trainer_state.json"]
+            {
+                assert!(p.join(f).is_file(), "{name} is complete ({f})");
+            }
+        }
+    }
+    assert!(train_cmd(&data, &killed, true).status().unwrap().success());
+    let (a, b) = (adapter_tensors(&straight), adapter_tensors(&killed));
+    assert_eq!(a.len(), b.len());
+    for (k, v) in &a {
+        let w = &b[k];
+        let max = v.iter().zip(w).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert_eq!(max, 0.0, "{k}: resumed run differs by {max}");
     }
 }

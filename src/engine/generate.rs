@@ -81,3 +81,77 @@ pub fn generate(
         decode_tokens_per_s: if secs > 0.0 && decoded > 0 { decoded as f64 / secs } else { 0.0 },
     })
 }
+
+/// One prompt of a batched greedy/sampled generation.
+#[derive(Debug, Clone)]
+pub struct BatchPrompt {
+    pub ids: Vec<u32>,
+    /// Adapter slot in the `lora` weights passed to [`generate_batch`] (`None` = base).
+    pub slot: Option<usize>,
+}
+
+/// Generates for many prompts at once: one packed prefill, then one packed decode step per
+/// token for every unfinished sequence (each with its own KV cache and sampler).
+pub fn generate_batch(
+    model: &Llama,
+    lora: Option<&dyn LoraWeights>,
+    tok: &Tokenizer,
+    prompts: &[BatchPrompt],
+    params: &SamplingParams,
+) -> Result<Vec<Generation>> {
+    let layers = model.config().num_hidden_layers;
+    let max_len = model.config().max_position_embeddings;
+    let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::new(layers, 128)).collect();
+    let mut samplers: Vec<Sampler> = prompts.iter().map(|_| Sampler::new(params)).collect();
+    let mut detoks: Vec<Detokenizer> = prompts.iter().map(|_| Detokenizer::new(params.stop.clone())).collect();
+    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut finish = vec![None; prompts.len()];
+    let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
+        return Err(EngineError::Tokenizer(format!("prompt {i} is empty")));
+    }
+    let t0 = Instant::now();
+    loop {
+        let live: Vec<usize> = (0..prompts.len()).filter(|&i| finish[i].is_none()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let mut batch = PackedBatch::default();
+        for &i in &live {
+            batch.push_with_slot(&inputs[i], caches[i].len(), prompts[i].slot);
+        }
+        let mut live_caches: Vec<&mut SeqCache> =
+            caches.iter_mut().enumerate().filter(|(i, _)| finish[*i].is_none()).map(|(_, c)| c).collect();
+        let logits =
+            model.forward_lora(&batch, &mut BatchCaches(std::mem::take(&mut live_caches)), lora, LogitsAt::Last)?;
+        for (row, &i) in live.iter().enumerate() {
+            let id = samplers[i].sample(&logits.get(row)?)?;
+            if !params.ignore_eos && tok.eos_ids().contains(&id) {
+                finish[i] = Some(FinishReason::Stop);
+                continue;
+            }
+            outs[i].push(id);
+            detoks[i].push(tok, id)?;
+            if detoks[i].stopped() {
+                finish[i] = Some(FinishReason::Stop);
+            } else if outs[i].len() >= params.max_tokens || caches[i].len() + 1 > max_len {
+                finish[i] = Some(FinishReason::Length);
+            }
+            inputs[i] = vec![id];
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let total: usize = outs.iter().map(|o| o.len()).sum();
+    Ok(outs
+        .into_iter()
+        .zip(detoks)
+        .zip(finish)
+        .map(|((output_ids, d), f)| Generation {
+            text: d.text().to_string(),
+            output_ids,
+            finish_reason: f.unwrap_or(FinishReason::Length),
+            prefill_ms: 0.0,
+            decode_tokens_per_s: total as f64 / secs.max(1e-9),
+        })
+        .collect())
+}

@@ -16,6 +16,7 @@ pub mod lora;
 pub mod lora_op;
 pub mod lora_slots;
 pub mod model;
+pub mod paged_kv;
 pub mod sampler;
 pub mod source;
 pub mod tokenizer;
