@@ -5,5 +5,8 @@
 
 pub mod cli;
 pub mod commands;
+pub mod datasets;
 pub mod engine;
+pub mod eval;
+pub mod openai;
 pub mod train;

@@ -1,0 +1,36 @@
+//! Domain B: both fields equal after JSON parse.
+
+use serde_json::{Map, Value};
+
+use super::Score;
+
+const FIELDS: [&str; 2] = ["category", "priority"];
+
+/// Parses `text` as exactly one JSON object (trailing text is an error).
+pub(super) fn parse_object(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!("not a JSON object: {other}")),
+        Err(e) => Err(format!("invalid JSON: {e}")),
+    }
+}
+
+pub(super) fn score(gold: &str, predicted: &str) -> Score {
+    let gold = match parse_object(gold) {
+        Ok(map) => map,
+        Err(e) => return Score::wrong(format!("gold: {e}")),
+    };
+    let predicted = match parse_object(predicted) {
+        Ok(map) => map,
+        Err(e) => return Score::wrong(e),
+    };
+    if predicted.len() != FIELDS.len() || !FIELDS.iter().all(|f| predicted.contains_key(*f)) {
+        return Score::wrong(format!("keys must be exactly {FIELDS:?}"));
+    }
+    for field in FIELDS {
+        if predicted.get(field) != gold.get(field) {
+            return Score::wrong(format!("{field}: expected {:?}, got {:?}", gold.get(field), predicted.get(field)));
+        }
+    }
+    Score::ok()
+}
