@@ -19,15 +19,34 @@ pub enum Command {
     /// Generate text from a prompt with the base model (optionally an adapter).
     Generate(GenerateArgs),
     /// Fine-tune a LoRA adapter on a domain dataset and write it in the PEFT format.
-    TrainLora(PendingArgs),
+    TrainLora(TrainArgs),
     /// Serve the base model and many adapters over the OpenAI HTTP API.
     Serve(PendingArgs),
     /// Open-loop Poisson load test against any OpenAI-compatible server.
     Loadtest(PendingArgs),
     /// Score the base model or an adapter on a domain's eval split.
-    Eval(PendingArgs),
+    Eval(EvalArgs),
     /// Measure the engine: prefill and decode throughput at several batch sizes.
     Bench(BenchArgs),
+    /// Regenerate the built-in domain datasets (seeded, byte for byte).
+    Datasets(DatasetsArgs),
+}
+
+/// `lab datasets generate`.
+#[derive(Debug, Clone, Args)]
+pub struct DatasetsArgs {
+    #[command(subcommand)]
+    pub action: DatasetsAction,
+}
+
+/// What `lab datasets` does.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DatasetsAction {
+    /// Write `{a-sql,b-triage,c-tools}/{train,eval}.jsonl` and their READMEs.
+    Generate {
+        #[arg(long, default_value = "datasets")]
+        out: PathBuf,
+    },
 }
 
 /// `lab bench`.
@@ -115,6 +134,107 @@ pub struct GenerateArgs {
     /// Largest adapter rank accepted.
     #[arg(long, default_value_t = 64)]
     pub max_lora_rank: usize,
+}
+
+/// `lab train-lora` (names follow PEFT / HF Trainer).
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Built-in domain: A (sql), B (triage) or C (tools); trains on datasets/<domain>/train.jsonl.
+    #[arg(long, required_unless_present = "data")]
+    pub domain: Option<String>,
+    /// JSONL file of chat examples (`{"messages": [...]}`); the last assistant turn is the target.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out JSONL for --eval-every (default: the domain's eval.jsonl).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Folder of the built-in datasets.
+    #[arg(long, default_value = "datasets")]
+    pub datasets_dir: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    /// Projections to adapt (comma-separated PEFT names).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    pub target_modules: Vec<String>,
+    /// Scale by alpha/sqrt(r) instead of alpha/r.
+    #[arg(long)]
+    pub use_rslora: bool,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Optimizer steps (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    pub epochs: f64,
+    /// Sequences per micro-batch (packed, no padding).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    /// Linear warm-up steps before the cosine decay.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder: adapter_config.json, adapter_model.safetensors, metrics.jsonl, checkpoints/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in --out (same flags required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Held-out loss every N steps (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+}
+
+/// `lab eval`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Domain to score: A (sql), B (triage) or C (tools).
+    #[arg(long, required_unless_present = "matrix")]
+    pub domain: Option<String>,
+    /// JSONL to score (default: the domain's eval.jsonl); system message inserted when absent.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "datasets")]
+    pub datasets_dir: PathBuf,
+    /// PEFT adapter directory (default: the base model).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Score an OpenAI-compatible server instead of a local model.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// `model` to request from --server.
+    #[arg(long)]
+    pub served_model: Option<String>,
+    /// Only the first N examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 192)]
+    pub max_tokens: usize,
+    /// Sequences generated together (local) or requests in flight (--server).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Per-example results (JSONL).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the base+adapters x domains accuracy table.
+    #[arg(long)]
+    pub matrix: bool,
+    /// Adapters for --matrix: `A=DIR,B=DIR,C=DIR`.
+    #[arg(long, value_delimiter = ',')]
+    pub adapters: Vec<String>,
 }
 
 /// Arguments of a subcommand that is not built yet.

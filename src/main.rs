@@ -19,11 +19,12 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
-        Command::TrainLora(_) => commands::not_yet("train-lora"),
+        Command::TrainLora(args) => commands::train::run(&args),
         Command::Serve(_) => commands::not_yet("serve"),
         Command::Loadtest(_) => commands::not_yet("loadtest"),
-        Command::Eval(_) => commands::not_yet("eval"),
+        Command::Eval(args) => commands::eval::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
+        Command::Datasets(args) => commands::datasets(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", commands::one_line(&e));

@@ -9,7 +9,8 @@ use lab::engine::lora::{AdapterConfig, LoraAdapter, LoraModule, ProjKey};
 use lab::engine::model::Llama;
 use lab::engine::weights;
 use lab::train::examples::TokenizedExample;
-use lab::train::loss::{cross_entropy, loss_rows};
+use lab::train::loss::cross_entropy;
+use lab::train::shared_prefix::pack;
 use lab::train::trainer::batch_loss;
 use rand::{Rng, SeedableRng};
 
@@ -96,7 +97,8 @@ fn lora_gradients_match_central_finite_differences_for_every_module() {
 fn masked_prompt_tokens_contribute_nothing_to_the_loss() {
     let ids: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
     let mask = vec![false, false, false, false, false, true, true, true];
-    let (rows, targets) = loss_rows(&[(&ids, &mask)]);
+    let ex = TokenizedExample { ids: ids.clone(), mask: mask.clone() };
+    let (_, rows, targets) = pack(&[&ex], 0, None);
     assert_eq!(rows, vec![4, 5, 6], "row t predicts ids[t+1]; only answer targets are kept");
     assert_eq!(targets, vec![9, 2, 6]);
     // Gradient w.r.t. all-position logits: zero on every masked row, non-zero on the others.
@@ -191,5 +193,47 @@ fn kill_9_then_resume_ends_with_the_uninterrupted_adapter() {
         let w = &b[k];
         let max = v.iter().zip(w).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert_eq!(max, 0.0, "{k}: resumed run differs by {max}");
+    }
+}
+
+#[test]
+fn shared_prefix_packing_gives_the_same_loss_and_gradients() {
+    use lab::train::trainer::batch_loss_with;
+    let model = f64_model();
+    let cfg = model.config().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let mut weights = BTreeMap::new();
+    let mut vars = Vec::new();
+    for module in [LoraModule::Q, LoraModule::V, LoraModule::Down] {
+        let (inp, out) = module.dims(&cfg);
+        let mut rv = |rows, cols| {
+            let v: Vec<f64> = (0..rows * cols).map(|_| rng.gen_range(-0.3..0.3)).collect();
+            Var::from_tensor(&Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()).unwrap()
+        };
+        let (a, b) = (rv(2, inp), rv(out, 2));
+        weights.insert(ProjKey { layer: 1, module }, (a.as_tensor().clone(), b.as_tensor().clone()));
+        vars.push(a);
+        vars.push(b);
+    }
+    let adapter = LoraAdapter { config: AdapterConfig::new(2, 4.0, &[LoraModule::Q], false, "t"), weights };
+    // A shared 6-token "system prompt", then different prompts and answers.
+    let sys = vec![11u32, 12, 13, 14, 15, 16];
+    let mk = |tail: &[u32], prompt_extra: usize| {
+        let ids: Vec<u32> = sys.iter().chain(tail).copied().collect();
+        example(ids, sys.len() + prompt_extra)
+    };
+    let batch = [mk(&[20, 21, 22, 23], 2), mk(&[30, 31, 32], 1), mk(&[40, 41, 42, 43, 44], 3)];
+    let refs: Vec<&TokenizedExample> = batch.iter().collect();
+    assert_eq!(lab::train::shared_prefix::shared_prefix_len(&refs), 6);
+    let full = batch_loss_with(&model, &adapter, &refs, false).unwrap();
+    let shared = batch_loss_with(&model, &adapter, &refs, true).unwrap();
+    let (lf, ls) = (full.to_scalar::<f64>().unwrap(), shared.to_scalar::<f64>().unwrap());
+    assert!((lf - ls).abs() < 1e-12 * lf.abs().max(1.0), "loss {lf} vs {ls}");
+    let (gf, gs) = (full.backward().unwrap(), shared.backward().unwrap());
+    for v in &vars {
+        let a = gf.get(v.as_tensor()).unwrap();
+        let b = gs.get(v.as_tensor()).unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(d < 1e-10, "gradient differs by {d}");
     }
 }

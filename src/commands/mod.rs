@@ -2,11 +2,13 @@
 //! `anyhow` lives here and in `main` only.
 
 pub mod bench;
+pub mod eval;
 pub mod generate;
+pub mod train;
 
 use candle_core::{DType, Device};
 
-use crate::cli::ModelArgs;
+use crate::cli::{DatasetsAction, DatasetsArgs, ModelArgs};
 use crate::engine::loader::LoadedModel;
 
 /// Placeholder exit for subcommands whose issue has not landed yet.
@@ -71,4 +73,16 @@ pub fn group_digits(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// `lab datasets generate --out DIR`.
+pub fn datasets(args: &DatasetsArgs) -> anyhow::Result<()> {
+    match &args.action {
+        DatasetsAction::Generate { out } => {
+            for s in crate::datasets::generate_all(out)? {
+                println!("{}: {} examples, {} bytes", s.path.display(), s.examples, s.bytes);
+            }
+        }
+    }
+    Ok(())
 }

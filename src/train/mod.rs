@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod examples;
 pub mod loss;
 pub mod optim;
+pub mod shared_prefix;
 pub mod trainable;
 pub mod trainer;
 

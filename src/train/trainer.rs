@@ -10,13 +10,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::engine::kv_cache::NoCache;
 use crate::engine::lora::{AdapterConfig, LoraAdapter};
-use crate::engine::model::{Llama, LogitsAt, PackedBatch};
+use crate::engine::model::{Llama, LogitsAt};
 
 use super::examples::TokenizedExample;
-use super::loss::{cross_entropy, loss_rows};
+use super::loss::cross_entropy;
 use super::optim::{lr_at, AdamW, AdamWConfig};
+use super::shared_prefix::{pack, shared_prefix_len, SharedPrefixKv};
 use super::trainable::TrainableLora;
 use super::{checkpoint, TrainError, TrainSettings};
 
@@ -135,15 +135,23 @@ pub fn train(
 }
 
 /// Mean masked loss of one packed micro-batch under `adapter` (slot 0 for every sequence).
+/// A token prefix common to the whole batch runs once (see [`super::shared_prefix`]).
 pub fn batch_loss(model: &Llama, adapter: &LoraAdapter, batch: &[&TokenizedExample]) -> Result<Tensor, TrainError> {
-    let mut packed = PackedBatch::default();
-    for e in batch {
-        packed.push_with_slot(&e.ids, 0, Some(0));
-    }
-    let pairs: Vec<(&[u32], &[bool])> = batch.iter().map(|e| (e.ids.as_slice(), e.mask.as_slice())).collect();
-    let (rows, targets) = loss_rows(&pairs);
+    batch_loss_with(model, adapter, batch, true)
+}
+
+/// [`batch_loss`] with prefix sharing on or off (off = every example runs in full).
+pub fn batch_loss_with(
+    model: &Llama,
+    adapter: &LoraAdapter,
+    batch: &[&TokenizedExample],
+    share: bool,
+) -> Result<Tensor, TrainError> {
+    let prefix = if share && batch.len() > 1 { shared_prefix_len(batch) } else { 0 };
+    let (packed, rows, targets) = pack(batch, prefix, Some(0));
     let weights = vec![adapter];
-    let logits = model.forward_lora(&packed, &mut NoCache, Some(&weights), LogitsAt::Rows(rows))?;
+    let mut kv = SharedPrefixKv::new(model.config().num_hidden_layers, prefix > 0);
+    let logits = model.forward_lora(&packed, &mut kv, Some(&weights), LogitsAt::Rows(rows))?;
     cross_entropy(&logits, &targets)
 }
 
