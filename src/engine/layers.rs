@@ -147,4 +147,59 @@ impl Proj {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::Linear::new(self.weight.clone(), None).forward(x)?)
     }
+
+    /// [`Proj::forward`] whose backward skips the (frozen) weight's gradient.
+    pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op2(&self.weight, FrozenMatmul)?)
+    }
+}
+
+/// `y = x W^T` for a frozen `W`: the backward returns the input's gradient only.
+///
+/// candle's matmul backward always computes both operands' gradients, so training a LoRA on a
+/// plain `matmul` would also build a full `[out, in]` gradient for every frozen base weight
+/// (one extra GEMM per projection per step) and throw it away.
+struct FrozenMatmul;
+
+impl candle_core::CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let ((m, k), (n, _)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        Ok((out, (m, n).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CudaStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let ((m, k), (n, _)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        Ok((out, (m, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
 }

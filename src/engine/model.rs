@@ -192,7 +192,7 @@ impl Llama {
         let slots: Vec<Option<usize>> = batch.seqs.iter().map(|s| s.slot).collect();
         let groups = RowGroups::new(&lens, &slots, &self.device)?;
         let lora = match lora {
-            Some(w) if !groups.is_empty() => Some(LoraCtx { weights: w, rows: groups }),
+            Some(w) if !groups.is_empty() => Some(LoraCtx { weights: w, rows: groups, mode: self.mode }),
             _ => None,
         };
         let lora = lora.as_ref();
@@ -283,11 +283,15 @@ impl Llama {
 struct LoraCtx<'a> {
     weights: &'a dyn LoraWeights,
     rows: RowGroups,
+    mode: OpsMode,
 }
 
 /// A base projection plus, where the batch uses adapters, their LoRA updates.
 fn proj(p: &Proj, x: &Tensor, layer: usize, module: LoraModule, lora: Option<&LoraCtx>) -> Result<Tensor> {
-    let y = p.forward(x)?;
+    let y = match lora {
+        Some(ctx) if ctx.mode == OpsMode::Differentiable => p.forward_frozen(x)?,
+        _ => p.forward(x)?,
+    };
     match lora {
         Some(ctx) => apply_lora(y, x, ProjKey { layer, module }, &ctx.rows, ctx.weights),
         None => Ok(y),
