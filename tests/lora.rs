@@ -109,7 +109,10 @@ fn slot_bank_matches_the_adapter_list_after_overwrites() {
     b.push_with_slot(&[5, 6, 7, 8], 0, Some(0));
     let from_bank = model.forward_lora(&b, &mut NoCache, Some(&bank), LogitsAt::All).unwrap();
     let from_list = model.forward_lora(&b, &mut NoCache, Some(&list), LogitsAt::All).unwrap();
-    assert!(rel_err(&from_bank, &from_list) < 1e-6);
+    // Same math through different memory layouts (a strided B^T vs the bank's rows): f32
+    // rounding differs by GEMM blocking, so the bound is the 1e-5 relative.
+    let err = rel_err(&from_bank, &from_list);
+    assert!(err < 1e-5, "rel err {err}");
 }
 
 fn saved(adapter: &LoraAdapter, tag: &str) -> std::path::PathBuf {
@@ -288,4 +291,32 @@ fn batched_generation_equals_one_at_a_time() {
         assert_eq!(b.output_ids.len(), 8);
     }
     assert_ne!(batched[1].output_ids, batched[2].output_ids);
+}
+
+#[test]
+fn batched_generation_with_a_shared_prefix_equals_one_at_a_time() {
+    use lab::engine::generate::{generate, generate_batch, BatchPrompt};
+    use lab::engine::gguf::GgufFile;
+    use lab::engine::sampler::SamplingParams;
+    use lab::engine::tokenizer::Tokenizer;
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&crate::util::default_gguf()).unwrap()).unwrap();
+    let model = random_llama(14);
+    let (a1, a2) = two_adapters(&model);
+    let list: Vec<&LoraAdapter> = vec![&a1, &a2];
+    let params = SamplingParams { max_tokens: 6, ignore_eos: true, ..Default::default() };
+    let system: Vec<u32> = (100..112).collect();
+    let with = |tail: &[u32]| system.iter().chain(tail).copied().collect::<Vec<u32>>();
+    let prompts = vec![
+        BatchPrompt { ids: with(&[1, 2, 3]), slot: Some(0) },
+        BatchPrompt { ids: with(&[4]), slot: Some(0) },
+        BatchPrompt { ids: with(&[5, 6]), slot: Some(1) },
+        BatchPrompt { ids: with(&[7, 8, 9, 10]), slot: Some(1) },
+        BatchPrompt { ids: with(&[11]), slot: None },
+    ];
+    let batched = generate_batch(&model, Some(&list), &tok, &prompts, &params).unwrap();
+    for (p, b) in prompts.iter().zip(&batched) {
+        let adapter = p.slot.map(|s| list[s]);
+        let alone = generate(&model, adapter, &tok, &p.ids, &params, |_| {}).unwrap();
+        assert_eq!(b.output_ids, alone.output_ids, "slot {:?}", p.slot);
+    }
 }

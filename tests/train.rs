@@ -237,3 +237,62 @@ fn shared_prefix_packing_gives_the_same_loss_and_gradients() {
         assert!(d < 1e-10, "gradient differs by {d}");
     }
 }
+
+/// Trains a few steps on the tiny HF Llama through `lab::train`, saves the PEFT files and lab's
+/// logits with the adapter. With LAB_PEFT_CHECK=1 it also runs
+/// `tests/fixtures/check_peft_roundtrip.py`, which loads the adapter with PEFT itself.
+#[test]
+fn lab_trained_adapter_loads_in_peft() {
+    use lab::engine::kv_cache::NoCache;
+    use lab::engine::model::{LogitsAt, PackedBatch};
+    use lab::train::{trainer, TrainSettings};
+    let model = crate::util::tiny_hf_llama().with_mode(OpsMode::Differentiable);
+    let out = std::env::temp_dir().join(format!("lab-peft-roundtrip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let data: Vec<TokenizedExample> =
+        (0..16u32).map(|i| example((0..12).map(|t| (i * 7 + t * 13) % 256).collect(), 6)).collect();
+    let settings = TrainSettings {
+        rank: 4,
+        alpha: 8.0,
+        modules: LoraModule::ALL.to_vec(),
+        use_rslora: true,
+        lr: 5e-3,
+        steps: 8,
+        batch_size: 4,
+        grad_accum: 2,
+        max_seq_len: 64,
+        warmup: 2,
+        seed: 1,
+        out: out.join("adapter"),
+        resume: false,
+        eval_every: 0,
+        checkpoint_every: 0,
+        base_model: "tiny-llama".into(),
+        progress: false,
+    };
+    std::fs::create_dir_all(&settings.out).unwrap();
+    let report = trainer::train(&model, &data, &[], &settings).unwrap();
+    assert!(report.final_loss.is_finite());
+    let adapter = LoraAdapter::load(&settings.out, model.config(), 16, DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        adapter.weights.values().any(|(_, b)| b.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0),
+        "B moved off zero"
+    );
+    let ids: Vec<u32> = (0..20).map(|t| (t * 11 + 3) % 256).collect();
+    let mut b = PackedBatch::default();
+    b.push_with_slot(&ids, 0, Some(0));
+    let list = vec![&adapter];
+    let logits = model.forward_lora(&b, &mut NoCache, Some(&list), LogitsAt::All).unwrap();
+    let json = serde_json::json!({"ids": ids, "logits": logits.to_vec2::<f32>().unwrap()});
+    std::fs::write(out.join("lab_logits.json"), json.to_string()).unwrap();
+    if std::env::var("LAB_PEFT_CHECK").is_ok_and(|v| v == "1") {
+        let status = std::process::Command::new("python3")
+            .arg(crate::util::fixture("check_peft_roundtrip.py"))
+            .arg(crate::util::fixture("tiny-llama"))
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "PEFT's logits differ from lab's");
+    }
+}

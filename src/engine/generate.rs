@@ -91,7 +91,8 @@ pub struct BatchPrompt {
 }
 
 /// Generates for many prompts at once: one packed prefill, then one packed decode step per
-/// token for every unfinished sequence (each with its own KV cache and sampler).
+/// token for every unfinished sequence (each with its own KV cache and sampler). A token
+/// prefix shared by prompts of the same adapter (a system message) is computed once.
 pub fn generate_batch(
     model: &Llama,
     lora: Option<&dyn LoraWeights>,
@@ -99,17 +100,12 @@ pub fn generate_batch(
     prompts: &[BatchPrompt],
     params: &SamplingParams,
 ) -> Result<Vec<Generation>> {
-    let layers = model.config().num_hidden_layers;
     let max_len = model.config().max_position_embeddings;
-    let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::new(layers, 128)).collect();
+    let (mut caches, mut inputs) = prefill_shared_prefixes(model, lora, prompts)?;
     let mut samplers: Vec<Sampler> = prompts.iter().map(|_| Sampler::new(params)).collect();
     let mut detoks: Vec<Detokenizer> = prompts.iter().map(|_| Detokenizer::new(params.stop.clone())).collect();
     let mut outs: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut finish = vec![None; prompts.len()];
-    let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
-        return Err(EngineError::Tokenizer(format!("prompt {i} is empty")));
-    }
     let t0 = Instant::now();
     loop {
         let live: Vec<usize> = (0..prompts.len()).filter(|&i| finish[i].is_none()).collect();
@@ -154,4 +150,44 @@ pub fn generate_batch(
             decode_tokens_per_s: total as f64 / secs.max(1e-9),
         })
         .collect())
+}
+
+/// Per prompt: a KV cache holding the prefix it shares with the other prompts of its adapter
+/// slot (computed once, then copied), and the tokens still to prefill.
+fn prefill_shared_prefixes(
+    model: &Llama,
+    lora: Option<&dyn LoraWeights>,
+    prompts: &[BatchPrompt],
+) -> Result<(Vec<SeqCache>, Vec<Vec<u32>>)> {
+    if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
+        return Err(EngineError::Tokenizer(format!("prompt {i} is empty")));
+    }
+    let layers = model.config().num_hidden_layers;
+    let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::new(layers, 128)).collect();
+    let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let mut slots: Vec<Option<usize>> = prompts.iter().map(|p| p.slot).collect();
+    slots.sort();
+    slots.dedup();
+    for slot in slots {
+        let group: Vec<usize> = (0..prompts.len()).filter(|&i| prompts[i].slot == slot).collect();
+        let first = &prompts[group[0]].ids;
+        // Keep at least one token per prompt to prefill (its logits start generation).
+        let shared = group.iter().map(|&i| {
+            let ids = &prompts[i].ids;
+            first.iter().zip(ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1)
+        });
+        let p = shared.min().unwrap_or(0);
+        if group.len() < 2 || p < 8 {
+            continue;
+        }
+        let mut prefix_cache = SeqCache::new(layers, 128);
+        let mut b = PackedBatch::default();
+        b.push_with_slot(&first[..p], 0, slot);
+        model.forward_lora(&b, &mut BatchCaches(vec![&mut prefix_cache]), lora, LogitsAt::Last)?;
+        for &i in &group {
+            caches[i] = prefix_cache.fork(128)?;
+            inputs[i] = prompts[i].ids[p..].to_vec();
+        }
+    }
+    Ok((caches, inputs))
 }

@@ -38,6 +38,17 @@ impl SeqCache {
         Self { layers: (0..num_layers).map(|_| candle_nn::kv_cache::KvCache::new(0, chunk)).collect() }
     }
 
+    /// An independent copy (its own buffers) of this cache, to continue a shared prefix.
+    pub fn fork(&self, chunk: usize) -> Result<Self> {
+        let mut out = Self::new(self.layers.len(), chunk);
+        for (dst, src) in out.layers.iter_mut().zip(&self.layers) {
+            if let (Some(k), Some(v)) = (src.k()?, src.v()?) {
+                dst.append(&k, &v)?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Positions stored so far.
     pub fn len(&self) -> usize {
         self.layers.first().map(|l| l.current_seq_len()).unwrap_or(0)

@@ -18,6 +18,7 @@ pub mod lora_slots;
 pub mod model;
 pub mod paged_kv;
 pub mod sampler;
+pub mod scheduler;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;

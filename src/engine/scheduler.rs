@@ -1,0 +1,446 @@
+//! Continuous batching policy as plain state (no tokio, no tensors): which sequences run in the
+//! next step, how many tokens each, and who is preempted. Unit-tested with a fake
+//! [`Resources`]; the server's engine task implements it with the paged KV cache and the
+//! adapter registry.
+//!
+//! Policy, every step:
+//! 1. running sequences first, oldest first: one decode token each, or the next chunk of a
+//!    chunked prefill, within `max_num_batched_tokens`; when KV blocks run out, the newest
+//!    running sequence is preempted (its blocks and slot freed, recomputed later);
+//! 2. then waiting sequences are admitted while `max_num_seqs`, the token budget, KV blocks and
+//!    adapter slots allow. Requests whose adapter is already resident go first, so a bank
+//!    smaller than the set of active adapters does not thrash; a request that has waited
+//!    `max_wait_steps` steps goes first regardless (no starvation). A request whose adapter is
+//!    still loading is skipped this step (the load runs in the background) without blocking
+//!    the others.
+
+use std::collections::{BTreeMap, VecDeque};
+
+/// A sequence's identity (the server's request id).
+pub type SeqId = u64;
+
+/// Limits (vLLM names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Steps a waiting request may be passed over for residency before it goes first.
+    pub max_wait_steps: usize,
+}
+
+/// What a step may use: KV blocks and adapter slots.
+pub trait Resources {
+    /// Grows `id`'s KV reservation to `len` positions; false (no change) if short of blocks.
+    fn reserve(&mut self, id: SeqId, len: usize) -> bool;
+    /// Frees every KV block of `id`.
+    fn release(&mut self, id: SeqId);
+    /// Pins a slot holding `adapter`.
+    fn acquire_adapter(&mut self, adapter: &str) -> Grant;
+    /// Unpins a slot.
+    fn release_adapter(&mut self, slot: usize);
+    /// Whether `adapter` sits in a slot now.
+    fn is_resident(&self, adapter: &str) -> bool;
+}
+
+/// Answer to [`Resources::acquire_adapter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    Ready(usize),
+    /// Loading, or every slot pinned: try next step.
+    NotYet,
+    Failed(String),
+}
+
+/// One sequence's work in a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduled {
+    pub id: SeqId,
+    /// Tokens to run now.
+    pub tokens: Vec<u32>,
+    /// Tokens already in the KV cache.
+    pub past: usize,
+    pub slot: Option<usize>,
+    /// This chunk ends the known tokens: sample the next one from its last logits.
+    pub sample: bool,
+}
+
+/// The plan of one step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub batch: Vec<Scheduled>,
+    /// Sequences sent back to the waiting queue (to be recomputed).
+    pub preempted: Vec<SeqId>,
+    /// Requests that cannot run (their adapter failed to load), with the reason.
+    pub failed: Vec<(SeqId, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct Seq {
+    tokens: Vec<u32>,
+    computed: usize,
+    adapter: Option<String>,
+    slot: Option<usize>,
+    waited: usize,
+    arrival: u64,
+}
+
+/// Waiting and running sequences.
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    seqs: BTreeMap<SeqId, Seq>,
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
+    arrivals: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        Self { cfg, seqs: BTreeMap::new(), waiting: VecDeque::new(), running: Vec::new(), arrivals: 0 }
+    }
+
+    /// Queues a validated request (prompt already tokenized and checked against the limits).
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, adapter: Option<String>) {
+        self.arrivals += 1;
+        let seq = Seq { tokens: prompt, computed: 0, adapter, slot: None, waited: 0, arrival: self.arrivals };
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Plans the next step.
+    pub fn schedule(&mut self, res: &mut dyn Resources) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        // Oldest first; a preemption victim is the newest, so it was not scheduled yet
+        // (or is the current sequence).
+        let mut order = self.running.clone();
+        order.sort_by_key(|id| self.seqs[id].arrival);
+        for id in order {
+            if !self.running.contains(&id) {
+                continue; // preempted earlier in this loop
+            }
+            let seq = &self.seqs[&id];
+            let n = (seq.tokens.len() - seq.computed).min(budget);
+            if n == 0 {
+                continue;
+            }
+            let want = seq.computed + n;
+            let mut ok = res.reserve(id, want);
+            while !ok {
+                let victim = *self.running.iter().max_by_key(|v| self.seqs[v].arrival).expect("id is running");
+                self.preempt(victim, res);
+                plan.preempted.push(victim);
+                if victim == id {
+                    break;
+                }
+                ok = res.reserve(id, want);
+            }
+            if ok {
+                plan.batch.push(self.chunk(id, n));
+                budget -= n;
+            }
+        }
+        self.admit(res, &mut budget, &mut plan);
+        for id in &self.waiting {
+            if let Some(s) = self.seqs.get_mut(id) {
+                s.waited += 1;
+            }
+        }
+        plan
+    }
+
+    /// Records a step's sampled tokens (`None` for chunks that did not sample).
+    pub fn complete(&mut self, plan: &StepPlan, sampled: &[(SeqId, u32)]) {
+        for s in &plan.batch {
+            if let Some(seq) = self.seqs.get_mut(&s.id) {
+                seq.computed = s.past + s.tokens.len();
+            }
+        }
+        for (id, tok) in sampled {
+            if let Some(seq) = self.seqs.get_mut(id) {
+                seq.tokens.push(*tok);
+            }
+        }
+    }
+
+    /// Removes a finished, cancelled or failed sequence and frees what it holds.
+    pub fn finish(&mut self, id: SeqId, res: &mut dyn Resources) {
+        if let Some(seq) = self.seqs.remove(&id) {
+            if let Some(slot) = seq.slot {
+                res.release_adapter(slot);
+            }
+            res.release(id);
+        }
+        self.running.retain(|r| *r != id);
+        self.waiting.retain(|w| *w != id);
+    }
+
+    fn chunk(&self, id: SeqId, n: usize) -> Scheduled {
+        let seq = &self.seqs[&id];
+        let end = seq.computed + n;
+        Scheduled {
+            id,
+            tokens: seq.tokens[seq.computed..end].to_vec(),
+            past: seq.computed,
+            slot: seq.slot,
+            sample: end == seq.tokens.len(),
+        }
+    }
+
+    fn preempt(&mut self, id: SeqId, res: &mut dyn Resources) {
+        res.release(id);
+        let seq = self.seqs.get_mut(&id).expect("running seq exists");
+        if let Some(slot) = seq.slot.take() {
+            res.release_adapter(slot);
+        }
+        seq.computed = 0;
+        self.running.retain(|r| *r != id);
+        self.waiting.push_front(id);
+    }
+
+    /// Admission order: starving requests, then resident adapters (or base), then the rest;
+    /// FIFO within each group.
+    fn admission_order(&self, res: &dyn Resources) -> Vec<SeqId> {
+        let rank = |id: &SeqId| {
+            let s = &self.seqs[id];
+            let starving = s.waited >= self.cfg.max_wait_steps;
+            let resident = s.adapter.as_deref().is_none_or(|a| res.is_resident(a));
+            // Starving requests strictly by arrival; the rest resident-first.
+            if starving {
+                (0, false, s.arrival)
+            } else {
+                (1, !resident, s.arrival)
+            }
+        };
+        let mut order: Vec<SeqId> = self.waiting.iter().copied().collect();
+        order.sort_by_key(rank);
+        order
+    }
+
+    fn admit(&mut self, res: &mut dyn Resources, budget: &mut usize, plan: &mut StepPlan) {
+        for id in self.admission_order(res) {
+            if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 {
+                break;
+            }
+            let adapter = self.seqs[&id].adapter.clone();
+            let slot = match adapter.as_deref().map(|a| res.acquire_adapter(a)) {
+                None => None,
+                Some(Grant::Ready(slot)) => Some(slot),
+                Some(Grant::NotYet) => continue,
+                Some(Grant::Failed(msg)) => {
+                    plan.failed.push((id, msg));
+                    self.seqs.remove(&id);
+                    self.waiting.retain(|w| *w != id);
+                    continue;
+                }
+            };
+            let n = self.seqs[&id].tokens.len().min(*budget);
+            if !res.reserve(id, n) {
+                if let Some(s) = slot {
+                    res.release_adapter(s);
+                }
+                break; // out of KV blocks: admit nobody else this step
+            }
+            let seq = self.seqs.get_mut(&id).expect("waiting seq exists");
+            seq.slot = slot;
+            self.waiting.retain(|w| *w != id);
+            self.running.push(id);
+            plan.batch.push(self.chunk(id, n));
+            *budget -= n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// Blocks of 4 positions from a fixed pool; adapters resident in `slots`, or loading.
+    #[derive(Default)]
+    struct Fake {
+        free_blocks: usize,
+        held: BTreeMap<SeqId, usize>,
+        slots: Vec<Option<String>>,
+        pins: Vec<usize>,
+        loading: BTreeSet<String>,
+        broken: BTreeSet<String>,
+    }
+
+    impl Fake {
+        fn new(blocks: usize, slots: usize) -> Self {
+            Fake { free_blocks: blocks, slots: vec![None; slots], pins: vec![0; slots], ..Default::default() }
+        }
+    }
+
+    impl Resources for Fake {
+        fn reserve(&mut self, id: SeqId, len: usize) -> bool {
+            let have = self.held.get(&id).copied().unwrap_or(0);
+            let need = len.div_ceil(4).saturating_sub(have);
+            if need > self.free_blocks {
+                return false;
+            }
+            self.free_blocks -= need;
+            self.held.insert(id, have + need);
+            true
+        }
+        fn release(&mut self, id: SeqId) {
+            self.free_blocks += self.held.remove(&id).unwrap_or(0);
+        }
+        fn acquire_adapter(&mut self, a: &str) -> Grant {
+            if self.broken.contains(a) {
+                return Grant::Failed(format!("{a}: bad file"));
+            }
+            if self.loading.contains(a) {
+                return Grant::NotYet;
+            }
+            if let Some(i) = self.slots.iter().position(|s| s.as_deref() == Some(a)) {
+                self.pins[i] += 1;
+                return Grant::Ready(i);
+            }
+            match (0..self.slots.len()).find(|&i| self.pins[i] == 0) {
+                Some(i) => {
+                    self.slots[i] = Some(a.to_string());
+                    self.pins[i] = 1;
+                    Grant::Ready(i)
+                }
+                None => Grant::NotYet,
+            }
+        }
+        fn release_adapter(&mut self, slot: usize) {
+            self.pins[slot] -= 1;
+        }
+        fn is_resident(&self, a: &str) -> bool {
+            self.slots.iter().any(|s| s.as_deref() == Some(a))
+        }
+    }
+
+    fn cfg(seqs: usize, tokens: usize) -> SchedulerConfig {
+        SchedulerConfig { max_num_seqs: seqs, max_num_batched_tokens: tokens, max_wait_steps: 3 }
+    }
+
+    /// Runs one step, "sampling" token 7 for every chunk that asks for it.
+    fn step(s: &mut Scheduler, res: &mut Fake) -> StepPlan {
+        let plan = s.schedule(res);
+        let sampled: Vec<(SeqId, u32)> = plan.batch.iter().filter(|c| c.sample).map(|c| (c.id, 7)).collect();
+        s.complete(&plan, &sampled);
+        plan
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_within_the_token_budget_and_decodes_go_first() {
+        let mut s = Scheduler::new(cfg(8, 10));
+        let mut res = Fake::new(100, 2);
+        s.add(1, vec![1; 4], None);
+        let p = step(&mut s, &mut res);
+        assert_eq!(p.batch[0].tokens.len(), 4);
+        assert!(p.batch[0].sample);
+        s.add(2, vec![2; 25], None);
+        let p = step(&mut s, &mut res);
+        assert_eq!((p.batch[0].id, p.batch[0].tokens.len()), (1, 1), "decode first");
+        assert_eq!((p.batch[1].id, p.batch[1].tokens.len(), p.batch[1].sample), (2, 9, false));
+        let p = step(&mut s, &mut res);
+        assert_eq!((p.batch[1].past, p.batch[1].tokens.len()), (9, 9));
+        let p = step(&mut s, &mut res);
+        assert_eq!((p.batch[1].past, p.batch[1].tokens.len(), p.batch[1].sample), (18, 7, true));
+        assert!(p.batch.iter().map(|c| c.tokens.len()).sum::<usize>() <= 10);
+    }
+
+    #[test]
+    fn max_num_seqs_caps_the_running_set() {
+        let mut s = Scheduler::new(cfg(2, 100));
+        let mut res = Fake::new(100, 2);
+        for id in 1..=3 {
+            s.add(id, vec![1, 2], None);
+        }
+        let p = step(&mut s, &mut res);
+        assert_eq!(p.batch.len(), 2);
+        assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+        s.finish(1, &mut res);
+        let p = step(&mut s, &mut res);
+        assert!(p.batch.iter().any(|c| c.id == 3));
+    }
+
+    #[test]
+    fn out_of_blocks_preempts_the_newest_and_recomputes_it_later() {
+        let mut s = Scheduler::new(cfg(8, 100));
+        let mut res = Fake::new(2, 1); // 8 positions in all
+        s.add(1, vec![1; 4], None);
+        s.add(2, vec![2; 4], None);
+        step(&mut s, &mut res); // both prefilled, 4 positions each: pool full
+        let p = step(&mut s, &mut res); // seq 1 needs a 5th position -> preempt 2
+        assert_eq!(p.preempted, vec![2]);
+        assert_eq!(p.batch.len(), 1);
+        assert_eq!(p.batch[0].id, 1);
+        assert_eq!(s.num_waiting(), 1);
+        s.finish(1, &mut res);
+        let p = step(&mut s, &mut res);
+        assert_eq!((p.batch[0].id, p.batch[0].past, p.batch[0].tokens.len()), (2, 0, 5), "recomputed with its output");
+        assert_eq!(res.free_blocks, 0);
+    }
+
+    #[test]
+    fn resident_adapters_go_first_but_nobody_starves() {
+        let mut s = Scheduler::new(cfg(1, 100));
+        let mut res = Fake::new(100, 1);
+        res.slots[0] = Some("a".into());
+        s.add(1, vec![1], Some("b".into())); // not resident
+        for id in 2..=6 {
+            s.add(id, vec![1], Some("a".into()));
+        }
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let p = step(&mut s, &mut res);
+            for c in &p.batch {
+                if c.past == 0 {
+                    order.push(c.id);
+                }
+            }
+            let running: Vec<SeqId> = p.batch.iter().map(|c| c.id).collect();
+            for id in running {
+                s.finish(id, &mut res);
+            }
+        }
+        assert_eq!(order[0], 2, "resident adapter first");
+        let pos = order.iter().position(|&id| id == 1).expect("b ran");
+        assert!(pos <= 3, "b waited at most max_wait_steps: {order:?}");
+    }
+
+    #[test]
+    fn loading_adapters_do_not_block_others_and_failures_are_reported() {
+        let mut s = Scheduler::new(cfg(8, 100));
+        let mut res = Fake::new(100, 2);
+        res.loading.insert("slow".into());
+        res.broken.insert("bad".into());
+        s.add(1, vec![1], Some("slow".into()));
+        s.add(2, vec![1], Some("bad".into()));
+        s.add(3, vec![1], None);
+        let p = step(&mut s, &mut res);
+        assert_eq!(p.batch.iter().map(|c| c.id).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(p.failed.len(), 1);
+        assert!(p.failed[0].1.contains("bad file"));
+        res.loading.clear();
+        let p = step(&mut s, &mut res);
+        assert!(p.batch.iter().any(|c| c.id == 1 && c.slot.is_some()));
+    }
+
+    #[test]
+    fn finish_frees_blocks_and_slots() {
+        let mut s = Scheduler::new(cfg(8, 100));
+        let mut res = Fake::new(10, 1);
+        s.add(1, vec![1; 9], Some("a".into()));
+        step(&mut s, &mut res);
+        assert_eq!((res.free_blocks, res.pins[0]), (7, 1));
+        s.finish(1, &mut res);
+        assert_eq!((res.free_blocks, res.pins[0]), (10, 0));
+    }
+}
