@@ -3,20 +3,16 @@
 
 use serde_json::Value;
 
-use super::triage::parse_object;
+use super::triage::parse_pair;
 use super::Score;
 
 /// Arguments that hold ISO 4217 or IATA codes.
 const CODE_ARGUMENTS: [&str; 4] = ["from", "to", "origin", "destination"];
 
 pub(super) fn score(gold: &str, predicted: &str) -> Score {
-    let gold = match parse_object(gold) {
-        Ok(map) => map,
-        Err(e) => return Score::wrong(format!("gold: {e}")),
-    };
-    let predicted = match parse_object(predicted) {
-        Ok(map) => map,
-        Err(e) => return Score::wrong(e),
+    let (gold, predicted) = match parse_pair(gold, predicted) {
+        Ok(pair) => pair,
+        Err(score) => return score,
     };
     if predicted.len() != 2 || !predicted.contains_key("name") || !predicted.contains_key("arguments") {
         return Score::wrong("keys must be exactly [\"name\", \"arguments\"]");
