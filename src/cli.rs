@@ -21,7 +21,7 @@ pub enum Command {
     /// Fine-tune a LoRA adapter on a domain dataset and write it in the PEFT format.
     TrainLora(TrainArgs),
     /// Serve the base model and many adapters over the OpenAI HTTP API.
-    Serve(PendingArgs),
+    Serve(ServeArgs),
     /// Open-loop Poisson load test against any OpenAI-compatible server.
     Loadtest(PendingArgs),
     /// Score the base model or an adapter on a domain's eval split.
@@ -47,6 +47,75 @@ pub enum DatasetsAction {
         #[arg(long, default_value = "datasets")]
         out: PathBuf,
     },
+}
+
+/// `lab serve` (flag names follow vLLM's `vllm serve`).
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (printed on stderr).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Name clients use for the base model (default: the model's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Adapters to serve from the start, `NAME=PATH` (space- or repeat-separated).
+    #[arg(long, value_name = "NAME=PATH", num_args = 1..)]
+    pub lora_modules: Vec<String>,
+    /// Serve every PEFT adapter directory under DIR (named after its folder); runtime loads
+    /// may read from DIR.
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
+    /// More roots runtime loads may read adapters from.
+    #[arg(long, num_args = 1..)]
+    pub allowed_lora_dirs: Vec<PathBuf>,
+    /// Allow `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
+    #[arg(long)]
+    pub enable_lora_runtime_updates: bool,
+    /// Adapter slots on the device (adapters in one batch at most).
+    #[arg(long, default_value_t = 8)]
+    pub max_loras: usize,
+    /// Parsed adapters kept in host memory (default: 4 x --max-loras).
+    #[arg(long)]
+    pub max_cpu_loras: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub max_lora_rank: usize,
+    /// Sequences in the running batch at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Context length (prompt + output) at most (default: the model's, capped by the KV cache).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Tokens in one step at most (prefill chunks + decode tokens).
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Share of device memory for weights + KV cache (CUDA; on CPU use --kv-cache-memory).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// KV cache size, e.g. 2GiB or 512MiB (default on CPU: 1GiB).
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Waiting requests at most; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// Steps a request may be passed over in favour of resident adapters before it goes first.
+    #[arg(long, default_value_t = 32)]
+    pub max_wait_steps: usize,
+    /// Bearer token required on /v1/*.
+    #[arg(long, env = "LAB_API_KEY")]
+    pub api_key: Option<String>,
+    /// Request body size limit in bytes (413 beyond).
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get after SIGTERM / Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
 }
 
 /// `lab bench`.

@@ -9,4 +9,5 @@ pub mod datasets;
 pub mod engine;
 pub mod eval;
 pub mod openai;
+pub mod serve;
 pub mod train;

@@ -13,14 +13,16 @@ fn main() {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LAB_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAB_LOG").unwrap_or_else(|_| "warn,lab::serve=info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
         Command::TrainLora(args) => commands::train::run(&args),
-        Command::Serve(_) => commands::not_yet("serve"),
+        Command::Serve(args) => commands::serve::run(&args),
         Command::Loadtest(_) => commands::not_yet("loadtest"),
         Command::Eval(args) => commands::eval::run(&args),
         Command::Bench(args) => commands::bench::run(&args),

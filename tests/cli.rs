@@ -47,7 +47,7 @@ fn bad_models_give_one_line_and_exit_2() {
 
 #[test]
 fn pending_subcommands_say_so() {
-    for cmd in ["serve", "loadtest"] {
+    for cmd in ["loadtest"] {
         let (code, _, err) = lab(&[cmd]);
         assert_eq!(code, 2);
         assert!(err.contains("not yet implemented"), "{cmd}: {err}");

@@ -1,10 +1,12 @@
 //! Integration tests, one binary with a module per area (ripgrep style).
 
+mod serve_util;
 mod util;
 
 mod cli;
 mod lora;
 mod model_parity;
 mod peft_interop;
+mod serve;
 mod tokenizer;
 mod train;

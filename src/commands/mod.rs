@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod eval;
 pub mod generate;
+pub mod serve;
 pub mod train;
 
 use candle_core::{DType, Device};

@@ -248,6 +248,8 @@ pub struct AdapterRegistry {
     bank: SlotBank,
     jobs: mpsc::Sender<(AdapterId, PathBuf)>,
     done: mpsc::Receiver<(AdapterId, std::result::Result<LoraAdapter, LoraError>)>,
+    loads: u64,
+    evictions: u64,
 }
 
 impl AdapterRegistry {
@@ -265,7 +267,7 @@ impl AdapterRegistry {
                 }
             })
             .expect("spawn adapter loader thread");
-        Self { state: RegistryState::new(cfg), cpu_data: BTreeMap::new(), bank, jobs, done }
+        Self { state: RegistryState::new(cfg), cpu_data: BTreeMap::new(), bank, jobs, done, loads: 0, evictions: 0 }
     }
 
     /// The policy state (read-only).
@@ -274,6 +276,11 @@ impl AdapterRegistry {
     }
 
     /// The device slots, for `Llama::forward_lora`.
+    /// Disk reads started and adapters evicted from a slot, since start.
+    pub fn counters(&self) -> (u64, u64) {
+        (self.loads, self.evictions)
+    }
+
     pub fn bank(&self) -> &SlotBank {
         &self.bank
     }
@@ -314,7 +321,8 @@ impl AdapterRegistry {
     pub fn acquire(&mut self, name: &str) -> Result<SlotRequest> {
         Ok(match self.state.acquire(name) {
             Acquire::Ready { slot, id } => SlotRequest::Ready { slot, id },
-            Acquire::CopyIn { slot, id, .. } => {
+            Acquire::CopyIn { slot, id, evicted } => {
+                self.evictions += u64::from(evicted.is_some());
                 let data = self.cpu_data.get(&id).expect("CPU tier and data agree").clone();
                 if let Err(e) = self.bank.write(slot, &data) {
                     self.state.release(slot);
@@ -323,6 +331,7 @@ impl AdapterRegistry {
                 SlotRequest::Ready { slot, id }
             }
             Acquire::Load { id, path } => {
+                self.loads += 1;
                 let _ = self.jobs.send((id, path));
                 SlotRequest::Pending
             }

@@ -6,7 +6,8 @@
 //! Policy, every step:
 //! 1. running sequences first, oldest first: one decode token each, or the next chunk of a
 //!    chunked prefill, within `max_num_batched_tokens`; when KV blocks run out, the newest
-//!    running sequence is preempted (its blocks and slot freed, recomputed later);
+//!    running sequence is preempted (its blocks freed, recomputed later; it keeps its pinned
+//!    adapter slot so the recomputation uses the same adapter version);
 //! 2. then waiting sequences are admitted while `max_num_seqs`, the token budget, KV blocks and
 //!    adapter slots allow. Requests whose adapter is already resident go first, so a bank
 //!    smaller than the set of active adapters does not thrash; a request that has waited
@@ -115,6 +116,21 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// Running sequences, in admission order.
+    pub fn running_ids(&self) -> &[SeqId] {
+        &self.running
+    }
+
+    /// Waiting sequences, in queue order.
+    pub fn waiting_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.waiting.iter().copied()
+    }
+
+    /// Whether `id` is known (waiting or running).
+    pub fn contains(&self, id: SeqId) -> bool {
+        self.seqs.contains_key(&id)
+    }
+
     /// Plans the next step.
     pub fn schedule(&mut self, res: &mut dyn Resources) -> StepPlan {
         let mut plan = StepPlan::default();
@@ -195,12 +211,13 @@ impl Scheduler {
         }
     }
 
+    /// Frees `id`'s KV blocks and sends it back to the front of the queue. Its adapter slot
+    /// stays pinned: the recomputed sequence must use the adapter version it started with
+    /// (a reload meanwhile must not change a running response), and re-admitting it never
+    /// waits for a load.
     fn preempt(&mut self, id: SeqId, res: &mut dyn Resources) {
         res.release(id);
         let seq = self.seqs.get_mut(&id).expect("running seq exists");
-        if let Some(slot) = seq.slot.take() {
-            res.release_adapter(slot);
-        }
         seq.computed = 0;
         self.running.retain(|r| *r != id);
         self.waiting.push_front(id);
@@ -230,9 +247,10 @@ impl Scheduler {
             if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 {
                 break;
             }
-            let adapter = self.seqs[&id].adapter.clone();
-            let slot = match adapter.as_deref().map(|a| res.acquire_adapter(a)) {
-                None => None,
+            let seq = &self.seqs[&id];
+            let (adapter, pinned) = (seq.adapter.clone(), seq.slot);
+            let slot = match adapter.as_deref().filter(|_| pinned.is_none()).map(|a| res.acquire_adapter(a)) {
+                None => pinned,
                 Some(Grant::Ready(slot)) => Some(slot),
                 Some(Grant::NotYet) => continue,
                 Some(Grant::Failed(msg)) => {
@@ -244,7 +262,7 @@ impl Scheduler {
             };
             let n = self.seqs[&id].tokens.len().min(*budget);
             if !res.reserve(id, n) {
-                if let Some(s) = slot {
+                if let Some(s) = slot.filter(|_| pinned.is_none()) {
                     res.release_adapter(s);
                 }
                 break; // out of KV blocks: admit nobody else this step

@@ -1,0 +1,141 @@
+//! `lab serve`: CLI flags -> [`ServeSettings`] once, load the model, run the server.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use super::device_and_dtype;
+use crate::cli::ServeArgs;
+use crate::engine::loader::load_model;
+use crate::engine::paged_kv::PagedKvCache;
+use crate::engine::scheduler::SchedulerConfig;
+use crate::engine::source::{lab_home, ModelSource};
+use crate::serve::ServeSettings;
+
+/// Runs `lab serve`.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let (device, dtype) = device_and_dtype(&args.model)?;
+    let mut lora_modules = parse_lora_modules(&args.lora_modules)?;
+    let mut allowed_roots = args.allowed_lora_dirs.clone();
+    if let Some(dir) = &args.lora_dir {
+        lora_modules.extend(scan_lora_dir(dir)?);
+        allowed_roots.push(dir.clone());
+    }
+    if args.max_loras == 0 {
+        bail!("--max-loras must be at least 1");
+    }
+    let source = ModelSource::parse(args.model.model.as_deref())?;
+    let loaded = load_model(&source, &lab_home(), dtype, &device)?;
+    super::report_loaded(&loaded);
+    let cfg = loaded.model.config().clone();
+    let kv_bytes = match &args.kv_cache_memory {
+        Some(s) => parse_bytes(s).with_context(|| format!("--kv-cache-memory {s}"))?,
+        None if device.is_cuda() => {
+            bail!("on CUDA pass --kv-cache-memory (e.g. 40GiB) until --gpu-memory-utilization sizing lands with the GPU work")
+        }
+        None => 1 << 30,
+    };
+    let block_bytes = PagedKvCache::block_bytes(&cfg, args.block_size, dtype);
+    let kv_blocks = kv_bytes / block_bytes;
+    let kv_tokens = kv_blocks * args.block_size;
+    let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings.min(kv_tokens));
+    if max_model_len > kv_tokens {
+        bail!(
+            "--max-model-len {max_model_len} needs more KV cache than {kv_tokens} positions: raise --kv-cache-memory"
+        );
+    }
+    if max_model_len > cfg.max_position_embeddings {
+        bail!("--max-model-len {max_model_len} exceeds the model's {} positions", cfg.max_position_embeddings);
+    }
+    let settings = ServeSettings {
+        host: args.host.clone(),
+        port: args.port,
+        served_model_name: args.served_model_name.clone().unwrap_or_else(|| loaded.name.clone()),
+        lora_modules,
+        allowed_roots,
+        runtime_updates: args.enable_lora_runtime_updates,
+        max_loras: args.max_loras,
+        max_cpu_loras: args.max_cpu_loras.unwrap_or(4 * args.max_loras),
+        max_lora_rank: args.max_lora_rank,
+        max_model_len,
+        scheduler: SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens.max(1),
+            max_wait_steps: args.max_wait_steps,
+        },
+        kv_blocks,
+        block_size: args.block_size,
+        max_waiting: args.max_waiting,
+        api_key: args.api_key.clone(),
+        max_body_bytes: args.max_body_bytes,
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+    };
+    eprintln!(
+        "lab serve: KV cache {kv_blocks} blocks x {} positions ({} MiB), max model len {max_model_len}, {} adapter slots, {} adapters",
+        args.block_size,
+        kv_blocks * block_bytes >> 20,
+        settings.max_loras,
+        settings.lora_modules.len()
+    );
+    crate::serve::run(settings, loaded, device, dtype)?;
+    Ok(())
+}
+
+/// `NAME=PATH` pairs.
+fn parse_lora_modules(specs: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, path) =
+                spec.split_once('=').with_context(|| format!("--lora-modules {spec}: expected NAME=PATH"))?;
+            Ok((name.to_string(), PathBuf::from(path)))
+        })
+        .collect()
+}
+
+/// Every subdirectory of `dir` holding an `adapter_config.json`, named after the folder.
+fn scan_lora_dir(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("--lora-dir {}", dir.display()))?;
+    for e in entries {
+        let path = e?.path();
+        if path.join("adapter_config.json").is_file() {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push((name, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `2GiB`, `512MiB`, `1.5GB`, `1073741824`.
+fn parse_bytes(s: &str) -> anyhow::Result<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().context("expected a number with an optional unit (KiB, MiB, GiB, KB, MB, GB)")?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" | "k" => 1024.0,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        u => bail!("unknown unit {u} (use KiB, MiB, GiB, KB, MB or GB)"),
+    };
+    Ok((n * mult) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_sizes_parse_with_units() {
+        assert_eq!(super::parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(super::parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(super::parse_bytes("1000").unwrap(), 1000);
+        assert_eq!(super::parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert!(super::parse_bytes("lots").is_err());
+    }
+}

@@ -1,0 +1,365 @@
+//! The engine thread: owns the model, the paged KV cache, the adapter registry and the
+//! scheduler, and runs continuous batching (one packed forward per step, prefill chunks and
+//! decode tokens of many requests and adapters together). HTTP handlers talk to it only
+//! through [`EngineHandle`]; each request carries its own reply channel, and a closed channel
+//! means the client left, so its sequence and KV blocks are freed at the next step.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::resources::EngineResources;
+use super::validation::ValidRequest;
+use crate::engine::adapters::AdapterRegistry;
+use crate::engine::detokenizer::Detokenizer;
+use crate::engine::model::{LogitsAt, PackedBatch};
+use crate::engine::paged_kv::{BlockTable, PagedKvCache};
+use crate::engine::sampler::{FinishReason, Sampler};
+use crate::engine::scheduler::{Scheduler, SeqId, StepPlan};
+use crate::engine::tokenizer::Tokenizer;
+use crate::engine::Llama;
+use crate::openai::Usage;
+
+/// What a request's channel receives.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// New output text (never taken back: stop strings are held until resolved).
+    Text(String),
+    /// The request ended normally.
+    Finished { reason: FinishReason, usage: Usage },
+    /// The request failed.
+    Failed(ApiError),
+}
+
+/// Messages to the engine thread.
+pub enum Command {
+    Submit(Box<ValidRequest>, tmpsc::UnboundedSender<Event>),
+    /// Register (or reload) an adapter; replies once the registry knows the new version.
+    Register {
+        name: String,
+        path: PathBuf,
+        reply: oneshot::Sender<()>,
+    },
+    /// Forget an adapter (running requests keep their slot); replies whether it was known.
+    Unregister {
+        name: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// The HTTP side's handle on the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl EngineHandle {
+    /// Queues a request; its events arrive on the returned channel.
+    pub fn submit(&self, req: ValidRequest) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
+        let (tx, rx) = tmpsc::unbounded_channel();
+        self.send(Command::Submit(Box::new(req), tx))?;
+        Ok(rx)
+    }
+
+    pub async fn register(&self, name: &str, path: PathBuf) -> Result<(), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Register { name: name.to_string(), path, reply })?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    pub async fn unregister(&self, name: &str) -> Result<bool, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Unregister { name: name.to_string(), reply })?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), ApiError> {
+        self.tx.send(cmd).map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> ApiError {
+    ApiError::Unavailable("the engine has stopped".into())
+}
+
+/// One request in flight.
+struct Live {
+    req: ValidRequest,
+    tx: tmpsc::UnboundedSender<Event>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    output: Vec<u32>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+/// What the engine thread owns.
+pub struct Engine {
+    pub model: Llama,
+    pub tokenizer: Arc<Tokenizer>,
+    pub kv: PagedKvCache,
+    pub registry: AdapterRegistry,
+    pub scheduler: Scheduler,
+    pub metrics: Arc<Metrics>,
+    pub max_model_len: usize,
+    /// Name per-adapter counters use for the base model.
+    pub base_name: String,
+}
+
+/// Starts the engine thread.
+pub fn spawn(engine: Engine) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let join = std::thread::Builder::new().name("lab-engine".into()).spawn(move || {
+        let mut state = EngineState { e: engine, tables: BTreeMap::new(), live: BTreeMap::new(), next_id: 0 };
+        state.run(rx)
+    })?;
+    Ok((EngineHandle { tx }, join))
+}
+
+struct EngineState {
+    e: Engine,
+    tables: BTreeMap<SeqId, BlockTable>,
+    live: BTreeMap<SeqId, Live>,
+    next_id: SeqId,
+}
+
+impl EngineState {
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            // Idle: block until there is work; busy: take what arrived and keep stepping.
+            if self.live.is_empty() {
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return, // every handle dropped: the server is gone
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.e.registry.poll_loads();
+            self.drop_cancelled();
+            let plan = {
+                let EngineState { e, tables, .. } = self;
+                let mut res = EngineResources { kv: &mut e.kv, tables, registry: &mut e.registry };
+                e.scheduler.schedule(&mut res)
+            };
+            self.fail_unschedulable(&plan);
+            self.publish_gauges(plan.preempted.len());
+            if plan.batch.is_empty() && self.live.is_empty() {
+                continue; // everything left was cancelled or failed: back to blocking
+            }
+            if plan.batch.is_empty() {
+                // Waiting on an adapter load (or nothing left): sleep briefly, wake on a command.
+                if !self.live.is_empty() {
+                    match rx.recv_timeout(Duration::from_millis(2)) {
+                        Ok(cmd) => self.handle(cmd),
+                        Err(RecvTimeoutError::Disconnected) if self.live.is_empty() => return,
+                        Err(_) => {}
+                    }
+                }
+                continue;
+            }
+            if let Err(e) = self.step(&plan) {
+                tracing::error!("engine step failed: {e}");
+                for s in &plan.batch {
+                    self.end(s.id, Err(ApiError::Internal(format!("engine step failed: {e}"))));
+                }
+            }
+            self.publish_gauges(0);
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(req, tx) => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.e.scheduler.add(id, req.prompt_ids.clone(), req.adapter.clone());
+                let live = Live {
+                    sampler: Sampler::new(&req.params),
+                    detok: Detokenizer::new(req.params.stop.clone()),
+                    req: *req,
+                    tx,
+                    output: Vec::new(),
+                    first_token: None,
+                    last_token: None,
+                };
+                self.live.insert(id, live);
+            }
+            Command::Register { name, path, reply } => {
+                self.e.registry.register(&name, &path);
+                let _ = reply.send(());
+            }
+            Command::Unregister { name, reply } => {
+                let _ = reply.send(self.e.registry.unregister(&name));
+            }
+        }
+    }
+
+    /// Frees the sequences whose client went away.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self.live.iter().filter(|(_, l)| l.tx.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.end(id, Ok(None));
+        }
+    }
+
+    fn fail_unschedulable(&mut self, plan: &StepPlan) {
+        for (id, msg) in &plan.failed {
+            // The scheduler already dropped it; only the reply and metrics remain.
+            if let Some(live) = self.live.remove(id) {
+                let err = ApiError::Unavailable(msg.clone());
+                tracing::warn!(id = %live.req.id, model = %live.req.model, "request failed: {msg}");
+                self.e.metrics.update(|m| *m.finished.entry("error").or_default() += 1);
+                let _ = live.tx.send(Event::Failed(err));
+            }
+        }
+    }
+
+    /// One packed forward over the plan, then sampling and replies.
+    fn step(&mut self, plan: &StepPlan) -> crate::engine::Result<()> {
+        let mut batch = PackedBatch::default();
+        let mut tables: Vec<BlockTable> = Vec::with_capacity(plan.batch.len());
+        for s in &plan.batch {
+            batch.push_with_slot(&s.tokens, s.past, s.slot);
+            tables.push(self.tables.remove(&s.id).unwrap_or_default());
+        }
+        let last = batch.last_indices();
+        let mut rows: Vec<u32> = plan.batch.iter().zip(&last).filter(|(s, _)| s.sample).map(|(_, r)| *r).collect();
+        let sampling = rows.len();
+        if rows.is_empty() {
+            rows.push(0); // prefill chunks only: logits unused
+        }
+        let logits = {
+            let mut kv = self.e.kv.batch(tables.iter_mut().collect());
+            self.e.model.forward_lora(&batch, &mut kv, Some(self.e.registry.bank()), LogitsAt::Rows(rows))
+        };
+        for (s, t) in plan.batch.iter().zip(tables) {
+            self.tables.insert(s.id, t);
+        }
+        let logits = logits?;
+        let mut sampled = Vec::with_capacity(sampling);
+        for (row, s) in plan.batch.iter().filter(|s| s.sample).enumerate() {
+            let live = self.live.get_mut(&s.id).expect("scheduled requests are live");
+            sampled.push((s.id, live.sampler.sample(&logits.get(row)?)?));
+        }
+        self.e.scheduler.complete(plan, &sampled);
+        let prefill: usize = plan
+            .batch
+            .iter()
+            .map(|s| self.live[&s.id].req.prompt_ids.len().saturating_sub(s.past).min(s.tokens.len()))
+            .sum();
+        self.e.metrics.update(|m| m.prompt_tokens += prefill as u64);
+        for (id, tok) in sampled {
+            self.emit(id, tok)?;
+        }
+        Ok(())
+    }
+
+    /// Handles one sampled token of `id`: stream its text, finish on EOS / stop / length.
+    fn emit(&mut self, id: SeqId, tok: u32) -> crate::engine::Result<()> {
+        let now = Instant::now();
+        let live = self.live.get_mut(&id).expect("sampled requests are live");
+        match live.last_token {
+            None => self.e.metrics.update(|m| m.ttft.observe((now - live.req.arrived).as_secs_f64())),
+            Some(t) => self.e.metrics.update(|m| m.tpot.observe((now - t).as_secs_f64())),
+        }
+        live.first_token.get_or_insert(now);
+        live.last_token = Some(now);
+        let p = &live.req.params;
+        let finish = if !p.ignore_eos && self.e.tokenizer.eos_ids().contains(&tok) {
+            Some(FinishReason::Stop)
+        } else {
+            live.output.push(tok);
+            let delta = live.detok.push(&self.e.tokenizer, tok)?;
+            if !delta.is_empty() {
+                let _ = live.tx.send(Event::Text(delta));
+            }
+            let len = live.req.prompt_ids.len() + live.output.len();
+            if live.detok.stopped() {
+                Some(FinishReason::Stop)
+            } else if live.output.len() >= p.max_tokens || len >= self.e.max_model_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            }
+        };
+        if let Some(reason) = finish {
+            self.end(id, Ok(Some(reason)));
+        }
+        Ok(())
+    }
+
+    /// Removes `id` everywhere: `Ok(Some(reason))` finished, `Ok(None)` cancelled, `Err` failed.
+    fn end(&mut self, id: SeqId, outcome: Result<Option<FinishReason>, ApiError>) {
+        let Some(mut live) = self.live.remove(&id) else { return };
+        {
+            let EngineState { e, tables, .. } = self;
+            let mut res = EngineResources { kv: &mut e.kv, tables, registry: &mut e.registry };
+            e.scheduler.finish(id, &mut res);
+        }
+        let usage = Usage {
+            prompt_tokens: live.req.prompt_ids.len(),
+            completion_tokens: live.output.len(),
+            total_tokens: live.req.prompt_ids.len() + live.output.len(),
+        };
+        let ms = live.req.arrived.elapsed().as_millis();
+        let (label, event) = match outcome {
+            Ok(Some(reason)) => {
+                let tail = live.detok.flush();
+                if !tail.is_empty() {
+                    let _ = live.tx.send(Event::Text(tail));
+                }
+                (if reason == FinishReason::Stop { "stop" } else { "length" }, Some(Event::Finished { reason, usage }))
+            }
+            Ok(None) => ("abort", None),
+            Err(e) => ("error", Some(Event::Failed(e))),
+        };
+        if let Some(ev) = event {
+            let _ = live.tx.send(ev);
+        }
+        let adapter = live.req.adapter.clone().unwrap_or_else(|| self.e.base_name.clone());
+        self.e.metrics.update(|m| {
+            *m.finished.entry(label).or_default() += 1;
+            m.generation_tokens += usage.completion_tokens as u64;
+            let c = m.per_adapter.entry(adapter.clone()).or_default();
+            c.requests += 1;
+            c.prompt_tokens += usage.prompt_tokens as u64;
+            c.generation_tokens += usage.completion_tokens as u64;
+            if label != "abort" && label != "error" {
+                m.e2e.observe(live.req.arrived.elapsed().as_secs_f64());
+            }
+        });
+        tracing::info!(
+            id = %live.req.id, model = %live.req.model, prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens, ms = ms as u64, finish = label, "request"
+        );
+    }
+
+    fn publish_gauges(&mut self, preempted: usize) {
+        let name = |id: &SeqId| self.live.get(id).and_then(|l| l.req.adapter.clone());
+        let running: std::collections::BTreeSet<String> =
+            self.e.scheduler.running_ids().iter().filter_map(name).collect();
+        let waiting: std::collections::BTreeSet<String> =
+            self.e.scheduler.waiting_ids().filter_map(|id| name(&id)).collect();
+        let (loads, evictions) = self.e.registry.counters();
+        let (nr, nw, free) =
+            (self.e.scheduler.num_running(), self.e.scheduler.num_waiting(), self.e.kv.num_free_blocks());
+        self.e.metrics.update(|m| {
+            m.running = nr;
+            m.waiting = nw;
+            m.kv_free_blocks = free;
+            m.running_adapters = running;
+            m.waiting_adapters = waiting;
+            m.preemptions += preempted as u64;
+            m.adapter_loads = loads;
+            m.adapter_evictions = evictions;
+        });
+    }
+}

@@ -1,0 +1,96 @@
+//! The names the server answers to: the base model and the registered adapters (what
+//! `/v1/models` lists and validation resolves `model` against), and where runtime loads may
+//! read adapters from.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use super::error::ApiError;
+use super::validation::unix_now;
+
+/// One registered adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogEntry {
+    pub path: PathBuf,
+    /// Unix seconds when it was (re)loaded.
+    pub created: u64,
+}
+
+/// Base name + adapters, shared by the HTTP handlers (the engine keeps its own registry).
+#[derive(Debug)]
+pub struct Catalog {
+    base: String,
+    adapters: RwLock<BTreeMap<String, CatalogEntry>>,
+}
+
+impl Catalog {
+    pub fn new(base: String) -> Self {
+        Self { base, adapters: RwLock::new(BTreeMap::new()) }
+    }
+
+    /// The served name of the base model (`--served-model-name`).
+    pub fn base_name(&self) -> &str {
+        &self.base
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    /// Adds or replaces `name`.
+    pub fn insert(&self, name: &str, path: &Path) {
+        let entry = CatalogEntry { path: path.to_path_buf(), created: unix_now() };
+        self.adapters.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), entry);
+    }
+
+    pub fn remove(&self, name: &str) -> bool {
+        self.adapters.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some()
+    }
+
+    /// Every adapter, by name.
+    pub fn adapters(&self) -> BTreeMap<String, CatalogEntry> {
+        self.read().clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, CatalogEntry>> {
+        self.adapters.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Roots that runtime loads may read from (`--lora-dir`, `--allowed-lora-dirs`), canonical.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedRoots(Vec<PathBuf>);
+
+impl AllowedRoots {
+    /// Canonicalizes each root (they must exist).
+    pub fn new(roots: &[PathBuf]) -> std::io::Result<Self> {
+        roots.iter().map(|r| r.canonicalize()).collect::<std::io::Result<Vec<_>>>().map(Self)
+    }
+
+    /// The canonical form of `path` if it lies inside a root after `..` and symlinks are
+    /// resolved; otherwise a 400 that says why.
+    pub fn check(&self, path: &str) -> Result<PathBuf, ApiError> {
+        if self.0.is_empty() {
+            return Err(ApiError::bad(
+                "lora_path",
+                "runtime loads need an allowed root: start the server with --lora-dir DIR or --allowed-lora-dirs DIR",
+            ));
+        }
+        let real = Path::new(path)
+            .canonicalize()
+            .map_err(|e| ApiError::bad("lora_path", format!("cannot open lora_path {path}: {e}")))?;
+        if self.0.iter().any(|root| real.starts_with(root)) {
+            Ok(real)
+        } else {
+            Err(ApiError::bad(
+                "lora_path",
+                format!(
+                    "lora_path {path} resolves to {} which is outside the allowed roots ({})",
+                    real.display(),
+                    self.0.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            ))
+        }
+    }
+}

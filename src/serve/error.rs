@@ -1,0 +1,93 @@
+//! The one error type of the HTTP layer, mapped to a status and an OpenAI error body here and
+//! nowhere else.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::openai::{ErrorBody, ErrorDetail};
+
+/// Everything a request can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// 400 with the offending parameter.
+    #[error("{message}")]
+    BadRequest { message: String, param: Option<String> },
+    /// 404: no base model or adapter of that name.
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    /// 401: missing or wrong `Authorization: Bearer`.
+    #[error("Invalid API key (send `Authorization: Bearer <key>`, the key given to --api-key).")]
+    Unauthorized,
+    /// 413 and other body-level rejections, with their status.
+    #[error("{message}")]
+    Body { status: u16, message: String },
+    /// 503 + `Retry-After`: the waiting queue is full.
+    #[error("The server is overloaded: {waiting} requests are waiting (--max-waiting {limit}); retry later.")]
+    Overloaded { waiting: usize, limit: usize },
+    /// 503: the server is shutting down or the engine stopped.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: the engine failed on this request.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming `param`.
+    pub fn bad(param: &str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest { message: message.into(), param: Some(param.to_string()) }
+    }
+
+    /// HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Body { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
+            ApiError::Overloaded { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> ErrorBody {
+        let (kind, code) = match self {
+            ApiError::BadRequest { .. } | ApiError::Body { .. } => ("invalid_request_error", None),
+            ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            ApiError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
+            ApiError::Overloaded { .. } | ApiError::Unavailable(_) => ("server_error", Some("overloaded")),
+            ApiError::Internal(_) => ("server_error", None),
+        };
+        let param = match self {
+            ApiError::BadRequest { param, .. } => param.clone(),
+            ApiError::ModelNotFound(_) => Some("model".to_string()),
+            _ => None,
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: kind.to_string(),
+                param,
+                code: code.map(String::from),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), Json(self.body())).into_response();
+        if matches!(self, ApiError::Overloaded { .. }) {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(r: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError::Body { status: r.status().as_u16(), message: r.body_text() }
+    }
+}

@@ -1,0 +1,203 @@
+//! Prometheus metrics: vLLM's names where vLLM has one (so dashboards and the Gateway API
+//! Inference Extension's LoRA-affinity routing work unchanged), `lab_*` for the rest.
+//!
+//! The text format is small enough to write directly; the engine thread updates the state
+//! once per step and per finished request, `/metrics` renders a snapshot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// vLLM's TTFT buckets (seconds).
+const TTFT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+/// vLLM's inter-token buckets (seconds).
+const TPOT_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+/// vLLM's request latency buckets (seconds).
+const E2E_BUCKETS: &[f64] =
+    &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0];
+
+/// A cumulative Prometheus histogram.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
+    }
+
+    /// Records one observation in seconds.
+    pub fn observe(&mut self, secs: f64) {
+        for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {
+            if secs <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += secs;
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// Counters of one adapter (the base model is listed under its served name).
+#[derive(Debug, Clone, Default)]
+pub struct AdapterCounters {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+}
+
+/// Everything `/metrics` shows.
+#[derive(Debug, Clone)]
+pub struct MetricsState {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_free_blocks: usize,
+    pub kv_total_blocks: usize,
+    pub max_loras: usize,
+    pub running_adapters: BTreeSet<String>,
+    pub waiting_adapters: BTreeSet<String>,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    /// Finished requests by `finished_reason` (stop, length, abort, error).
+    pub finished: BTreeMap<&'static str, u64>,
+    pub preemptions: u64,
+    pub adapter_loads: u64,
+    pub adapter_evictions: u64,
+    pub per_adapter: BTreeMap<String, AdapterCounters>,
+    pub ttft: Histogram,
+    pub tpot: Histogram,
+    pub e2e: Histogram,
+}
+
+/// Shared metrics (engine writes, HTTP reads).
+#[derive(Debug)]
+pub struct Metrics {
+    model_name: String,
+    state: Mutex<MetricsState>,
+}
+
+impl Metrics {
+    pub fn new(model_name: &str, kv_total_blocks: usize, max_loras: usize) -> Self {
+        let state = MetricsState {
+            running: 0,
+            waiting: 0,
+            kv_free_blocks: kv_total_blocks,
+            kv_total_blocks,
+            max_loras,
+            running_adapters: BTreeSet::new(),
+            waiting_adapters: BTreeSet::new(),
+            prompt_tokens: 0,
+            generation_tokens: 0,
+            finished: BTreeMap::new(),
+            preemptions: 0,
+            adapter_loads: 0,
+            adapter_evictions: 0,
+            per_adapter: BTreeMap::new(),
+            ttft: Histogram::new(TTFT_BUCKETS),
+            tpot: Histogram::new(TPOT_BUCKETS),
+            e2e: Histogram::new(E2E_BUCKETS),
+        };
+        Self { model_name: model_name.to_string(), state: Mutex::new(state) }
+    }
+
+    /// Runs `f` on the state under the lock.
+    pub fn update<R>(&self, f: impl FnOnce(&mut MetricsState) -> R) -> R {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A copy of the state.
+    pub fn snapshot(&self) -> MetricsState {
+        self.update(|s| s.clone())
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let s = self.snapshot();
+        let m = format!("model_name=\"{}\"", escape(&self.model_name));
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{m}}} {v}");
+        };
+        gauge(&mut out, "vllm:num_requests_running", "Requests in the running batch.", s.running as f64);
+        gauge(&mut out, "vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.waiting as f64);
+        let used = 1.0 - s.kv_free_blocks as f64 / s.kv_total_blocks.max(1) as f64;
+        gauge(&mut out, "vllm:kv_cache_usage_perc", "KV cache usage (1 = full).", used);
+        gauge(&mut out, "vllm:gpu_cache_usage_perc", "KV cache usage (1 = full; older vLLM name).", used);
+        gauge(&mut out, "lab_kv_free_blocks", "Free KV cache blocks.", s.kv_free_blocks as f64);
+        gauge(&mut out, "lab_kv_total_blocks", "KV cache blocks in the pool.", s.kv_total_blocks as f64);
+        let join = |set: &BTreeSet<String>| set.iter().cloned().collect::<Vec<_>>().join(",");
+        let _ = writeln!(
+            out,
+            "# HELP vllm:lora_requests_info Running stats on LoRA requests.\n# TYPE vllm:lora_requests_info gauge\n\
+             vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
+            s.max_loras,
+            escape(&join(&s.running_adapters)),
+            escape(&join(&s.waiting_adapters)),
+            super::validation::unix_now()
+        );
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}");
+        };
+        counter(&mut out, "vllm:prompt_tokens_total", "Prefill tokens processed.", s.prompt_tokens);
+        counter(&mut out, "vllm:generation_tokens_total", "Generation tokens processed.", s.generation_tokens);
+        counter(&mut out, "vllm:num_preemptions_total", "Preemptions (recompute).", s.preemptions);
+        let _ = writeln!(
+            out,
+            "# HELP vllm:request_success_total Finished requests.\n# TYPE vllm:request_success_total counter"
+        );
+        for (reason, n) in &s.finished {
+            let _ = writeln!(out, "vllm:request_success_total{{{m},finished_reason=\"{reason}\"}} {n}");
+        }
+        histogram(&mut out, "vllm:time_to_first_token_seconds", "Time to first token.", &m, &s.ttft);
+        histogram(&mut out, "vllm:time_per_output_token_seconds", "Time per output token.", &m, &s.tpot);
+        histogram(&mut out, "vllm:inter_token_latency_seconds", "Inter-token latency.", &m, &s.tpot);
+        histogram(&mut out, "vllm:e2e_request_latency_seconds", "End-to-end request latency.", &m, &s.e2e);
+        counter(&mut out, "lab_adapter_loads_total", "Adapter reads from disk.", s.adapter_loads);
+        counter(&mut out, "lab_adapter_evictions_total", "Adapters evicted from a device slot.", s.adapter_evictions);
+        per_adapter(&mut out, &s.per_adapter);
+        out
+    }
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (b, c) in h.bounds.iter().zip(&h.counts) {
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {c}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {}", h.sum, h.count);
+}
+
+fn per_adapter(out: &mut String, map: &BTreeMap<String, AdapterCounters>) {
+    let rows: [(&str, &str, fn(&AdapterCounters) -> u64); 3] = [
+        ("lab_adapter_requests_total", "Finished requests per adapter.", |c| c.requests),
+        ("lab_adapter_prompt_tokens_total", "Prompt tokens per adapter.", |c| c.prompt_tokens),
+        ("lab_adapter_generation_tokens_total", "Generated tokens per adapter.", |c| c.generation_tokens),
+    ];
+    for (name, help, get) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (adapter, c) in map {
+            let _ = writeln!(out, "{name}{{adapter=\"{}\"}} {}", escape(adapter), get(c));
+        }
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Seconds of a duration, for observations.
+pub fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}

@@ -1,0 +1,158 @@
+//! `lab serve`: the OpenAI-compatible multi-LoRA server.
+//!
+//! Data flow, as in text-generation-inference's router: [`routes`] parse HTTP,
+//! [`validation`] turns it into a `ValidRequest` once, [`batcher`] (one thread that owns the
+//! engine) runs continuous batching with the [`crate::engine::scheduler`] policy over the paged
+//! KV cache and the adapter registry, and [`stream`] shapes the replies.
+
+pub mod batcher;
+pub mod catalog;
+pub mod error;
+pub mod metrics;
+pub mod resources;
+pub mod routes;
+pub mod stream;
+pub mod validation;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+
+use crate::engine::adapters::{AdapterRegistry, RegistryConfig};
+use crate::engine::loader::LoadedModel;
+use crate::engine::lora::LoraAdapter;
+use crate::engine::lora_slots::SlotBank;
+use crate::engine::paged_kv::PagedKvCache;
+use crate::engine::scheduler::{Scheduler, SchedulerConfig};
+
+/// Resolved server settings (built once from the CLI).
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub host: String,
+    pub port: u16,
+    pub served_model_name: String,
+    /// Adapters registered at start, `(name, dir)`.
+    pub lora_modules: Vec<(String, PathBuf)>,
+    /// Roots runtime loads may read from (`--lora-dir` and `--allowed-lora-dirs`).
+    pub allowed_roots: Vec<PathBuf>,
+    pub runtime_updates: bool,
+    pub max_loras: usize,
+    pub max_cpu_loras: usize,
+    pub max_lora_rank: usize,
+    pub max_model_len: usize,
+    pub scheduler: SchedulerConfig,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    pub max_waiting: usize,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout: Duration,
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("adapter {name} ({path}): {source}")]
+    Adapter { name: String, path: PathBuf, source: crate::engine::lora::LoraError },
+    #[error("cannot listen on {addr}: {source} (is the port in use? pick another with --port)")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("allowed LoRA root: {0}")]
+    Root(std::io::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the server until SIGTERM / Ctrl-C; in-flight requests get `shutdown_timeout` to finish.
+pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) -> Result<(), ServeError> {
+    let cfg = loaded.model.config().clone();
+    for (name, path) in &s.lora_modules {
+        LoraAdapter::load(path, &cfg, s.max_lora_rank, DType::F32, &Device::Cpu)
+            .map_err(|source| ServeError::Adapter { name: name.clone(), path: path.clone(), source })?;
+    }
+    let catalog = Arc::new(catalog::Catalog::new(s.served_model_name.clone()));
+    let metrics = Arc::new(metrics::Metrics::new(&s.served_model_name, s.kv_blocks, s.max_loras));
+    let tokenizer = Arc::new(loaded.tokenizer);
+    let bank = SlotBank::new(&cfg, s.max_loras, s.max_lora_rank, dtype, &device)?;
+    let (lcfg, rank, ldev) = (cfg.clone(), s.max_lora_rank, device.clone());
+    let loader = Box::new(move |p: &std::path::Path| LoraAdapter::load(p, &lcfg, rank, dtype, &ldev));
+    let mut registry =
+        AdapterRegistry::new(RegistryConfig { max_loras: s.max_loras, max_cpu_loras: s.max_cpu_loras }, bank, loader);
+    for (name, path) in &s.lora_modules {
+        registry.register(name, path);
+        catalog.insert(name, path);
+    }
+    let engine = batcher::Engine {
+        model: loaded.model,
+        tokenizer: tokenizer.clone(),
+        kv: PagedKvCache::new(&cfg, s.kv_blocks, s.block_size, dtype, &device)?,
+        registry,
+        scheduler: Scheduler::new(s.scheduler),
+        metrics: metrics.clone(),
+        max_model_len: s.max_model_len,
+        base_name: s.served_model_name.clone(),
+    };
+    let (handle, _join) = batcher::spawn(engine)?;
+    let state = Arc::new(routes::AppState {
+        validator: validation::Validator { tokenizer, catalog: catalog.clone(), max_model_len: s.max_model_len },
+        engine: handle,
+        catalog,
+        metrics,
+        roots: catalog::AllowedRoots::new(&s.allowed_roots).map_err(ServeError::Root)?,
+        runtime_updates: s.runtime_updates,
+        api_key: s.api_key.clone(),
+        max_waiting: s.max_waiting,
+        model_cfg: cfg,
+        max_lora_rank: s.max_lora_rank,
+        seq: AtomicU64::new(0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve_http(&s, state))
+}
+
+async fn serve_http(s: &ServeSettings, state: Arc<routes::AppState>) -> Result<(), ServeError> {
+    let addr = format!("{}:{}", s.host, s.port);
+    let listener =
+        tokio::net::TcpListener::bind(&addr).await.map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+    let local = listener.local_addr()?;
+    // Tests and scripts read this line to find the port (with --port 0).
+    eprintln!("lab serve: listening on http://{local} (model {})", s.served_model_name);
+    let app = routes::router(state, s.max_body_bytes);
+    let timeout = s.shutdown_timeout;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            eprintln!("lab serve: shutting down: no new connections; in-flight requests get {timeout:?}");
+            // In-flight requests get the timeout; after it the process exits regardless.
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                eprintln!("lab serve: shutdown timeout reached, cancelling what is left");
+                std::process::exit(0);
+            });
+        })
+        .await?;
+    eprintln!("lab serve: stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,45 @@
+//! The scheduler's [`Resources`] over the real things: the paged KV cache's blocks and the
+//! adapter registry's slots.
+
+use std::collections::BTreeMap;
+
+use crate::engine::adapters::{AdapterRegistry, SlotRequest};
+use crate::engine::paged_kv::{BlockTable, PagedKvCache};
+use crate::engine::scheduler::{Grant, Resources, SeqId};
+
+/// KV blocks and adapter slots, borrowed for one scheduling pass.
+pub struct EngineResources<'a> {
+    pub kv: &'a mut PagedKvCache,
+    pub tables: &'a mut BTreeMap<SeqId, BlockTable>,
+    pub registry: &'a mut AdapterRegistry,
+}
+
+impl Resources for EngineResources<'_> {
+    fn reserve(&mut self, id: SeqId, len: usize) -> bool {
+        self.kv.reserve(self.tables.entry(id).or_default(), len)
+    }
+
+    fn release(&mut self, id: SeqId) {
+        if let Some(mut t) = self.tables.remove(&id) {
+            self.kv.release(&mut t);
+        }
+    }
+
+    fn acquire_adapter(&mut self, adapter: &str) -> Grant {
+        match self.registry.acquire(adapter) {
+            Ok(SlotRequest::Ready { slot, .. }) => Grant::Ready(slot),
+            Ok(SlotRequest::Pending) => Grant::NotYet,
+            Ok(SlotRequest::Failed(m)) => Grant::Failed(format!("adapter `{adapter}` failed to load: {m}")),
+            Ok(SlotRequest::Unknown) => Grant::Failed(format!("adapter `{adapter}` was unloaded")),
+            Err(e) => Grant::Failed(format!("adapter `{adapter}`: {e}")),
+        }
+    }
+
+    fn release_adapter(&mut self, slot: usize) {
+        self.registry.release(slot);
+    }
+
+    fn is_resident(&self, adapter: &str) -> bool {
+        self.registry.state().is_resident(adapter)
+    }
+}

@@ -1,0 +1,222 @@
+//! HTTP JSON -> [`ValidRequest`], once: model resolved to the base or an adapter, sampling
+//! parameters checked, prompt rendered and tokenized, lengths checked against
+//! `--max-model-len`. The engine accepts nothing else.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use super::catalog::Catalog;
+use super::error::ApiError;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::tokenizer::Tokenizer;
+use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, Stop, StreamOptions};
+
+/// Which OpenAI endpoint a request came through (decides the response shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// A request the engine can run as is.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    /// `chatcmpl-…` / `cmpl-…`.
+    pub id: String,
+    pub endpoint: Endpoint,
+    /// The `model` the client asked for (echoed in responses).
+    pub model: String,
+    /// Adapter name; `None` = base model.
+    pub adapter: Option<String>,
+    pub prompt_ids: Vec<u32>,
+    pub params: SamplingParams,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Unix seconds (the responses' `created`).
+    pub created: u64,
+    pub arrived: Instant,
+}
+
+/// Checks requests against the served model's limits.
+pub struct Validator {
+    pub tokenizer: Arc<Tokenizer>,
+    pub catalog: Arc<Catalog>,
+    pub max_model_len: usize,
+}
+
+/// Sampling fields common to both endpoints.
+struct Sampling<'a> {
+    max_tokens: Option<usize>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    stop: Option<&'a Stop>,
+    n: Option<usize>,
+    ignore_eos: Option<bool>,
+    stream: Option<bool>,
+    stream_options: Option<&'a StreamOptions>,
+}
+
+impl Validator {
+    /// Validates a chat completion: renders the chat template and tokenizes.
+    pub fn chat(&self, req: &ChatCompletionRequest, seq: u64) -> Result<ValidRequest, ApiError> {
+        let adapter = self.resolve_model(&req.model)?;
+        if req.messages.is_empty() {
+            return Err(ApiError::bad("messages", "`messages` must hold at least one message"));
+        }
+        if let Some(m) = req.messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str())) {
+            return Err(ApiError::bad(
+                "messages",
+                format!("unsupported role `{}` (use system, user or assistant)", m.role),
+            ));
+        }
+        let text = self
+            .tokenizer
+            .apply_chat_template(&req.messages, true)
+            .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+        let ids = self.tokenizer.encode(&text).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let s = Sampling {
+            max_tokens: req.max_completion_tokens.or(req.max_tokens),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop: req.stop.as_ref(),
+            n: req.n,
+            ignore_eos: req.ignore_eos,
+            stream: req.stream,
+            stream_options: req.stream_options.as_ref(),
+        };
+        self.finish(format!("chatcmpl-{seq:x}"), Endpoint::Chat, &req.model, adapter, ids, "messages", s)
+    }
+
+    /// Validates a completion: the prompt is tokenized as is (no template).
+    pub fn completion(&self, req: &CompletionRequest, seq: u64) -> Result<ValidRequest, ApiError> {
+        let adapter = self.resolve_model(&req.model)?;
+        if req.echo == Some(true) {
+            return Err(ApiError::bad("echo", "`echo` is not supported by lab"));
+        }
+        let ids = match &req.prompt {
+            Prompt::Text(t) => self.tokenizer.encode(t).map_err(|e| ApiError::Internal(e.to_string()))?,
+            Prompt::Texts(v) if v.len() == 1 => {
+                self.tokenizer.encode(&v[0]).map_err(|e| ApiError::Internal(e.to_string()))?
+            }
+            Prompt::Texts(v) => {
+                return Err(ApiError::bad("prompt", format!("lab takes one prompt per request, got {}", v.len())))
+            }
+            Prompt::Tokens(ids) => {
+                let vocab = self.tokenizer.vocab_size() as u32;
+                if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+                    return Err(ApiError::bad(
+                        "prompt",
+                        format!("token id {bad} is outside the vocabulary (size {vocab})"),
+                    ));
+                }
+                ids.clone()
+            }
+        };
+        let s = Sampling {
+            max_tokens: req.max_tokens.or(Some(16)), // OpenAI's default for completions
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop: req.stop.as_ref(),
+            n: req.n,
+            ignore_eos: req.ignore_eos,
+            stream: req.stream,
+            stream_options: req.stream_options.as_ref(),
+        };
+        self.finish(format!("cmpl-{seq:x}"), Endpoint::Completion, &req.model, adapter, ids, "prompt", s)
+    }
+
+    /// `model` -> `None` (base) or `Some(adapter)`; 404 when neither.
+    fn resolve_model(&self, model: &str) -> Result<Option<String>, ApiError> {
+        if model == self.catalog.base_name() {
+            Ok(None)
+        } else if self.catalog.contains(model) {
+            Ok(Some(model.to_string()))
+        } else {
+            Err(ApiError::ModelNotFound(model.to_string()))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        id: String,
+        endpoint: Endpoint,
+        model: &str,
+        adapter: Option<String>,
+        prompt_ids: Vec<u32>,
+        prompt_param: &str,
+        s: Sampling,
+    ) -> Result<ValidRequest, ApiError> {
+        if prompt_ids.is_empty() {
+            return Err(ApiError::bad(prompt_param, "the prompt is empty"));
+        }
+        if s.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad("n", "lab returns one choice per request: `n` must be 1"));
+        }
+        let temperature = s.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad("temperature", format!("`temperature` must be in [0, 2], got {temperature}")));
+        }
+        let top_p = s.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad("top_p", format!("`top_p` must be in (0, 1], got {top_p}")));
+        }
+        let top_k = match s.top_k.unwrap_or(-1) {
+            k if k == -1 || k == 0 => 0,
+            k if k > 0 => k as usize,
+            k => return Err(ApiError::bad("top_k", format!("`top_k` must be -1 (off) or positive, got {k}"))),
+        };
+        let p = prompt_ids.len();
+        let limit = self.max_model_len;
+        if p >= limit {
+            return Err(ApiError::bad(
+                prompt_param,
+                format!("This model's maximum context length is {limit} tokens. However, your prompt has {p} tokens. Please reduce the length of the prompt (--max-model-len {limit})."),
+            ));
+        }
+        let max_tokens = match s.max_tokens {
+            Some(0) => return Err(ApiError::bad("max_tokens", "`max_tokens` must be at least 1")),
+            Some(m) if p + m > limit => {
+                return Err(ApiError::bad(
+                    "max_tokens",
+                    format!("This model's maximum context length is {limit} tokens. However, you requested {} tokens ({p} in the {prompt_param}, {m} in the completion). Please reduce the length of the {prompt_param} or completion.", p + m),
+                ))
+            }
+            Some(m) => m,
+            None => limit - p,
+        };
+        let stream = s.stream.unwrap_or(false);
+        let params = SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: s.seed.unwrap_or_else(rand::random),
+            max_tokens,
+            ignore_eos: s.ignore_eos.unwrap_or(false),
+            stop: s.stop.cloned().map(Stop::into_vec).unwrap_or_default(),
+        };
+        Ok(ValidRequest {
+            id,
+            endpoint,
+            model: model.to_string(),
+            adapter,
+            prompt_ids,
+            params,
+            stream,
+            include_usage: stream && s.stream_options.is_some_and(|o| o.include_usage),
+            created: unix_now(),
+            arrived: Instant::now(),
+        })
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
