@@ -23,7 +23,7 @@ pub enum Command {
     /// Serve the base model and many adapters over the OpenAI HTTP API.
     Serve(ServeArgs),
     /// Open-loop Poisson load test against any OpenAI-compatible server.
-    Loadtest(PendingArgs),
+    Loadtest(LoadtestArgs),
     /// Score the base model or an adapter on a domain's eval split.
     Eval(EvalArgs),
     /// Measure the engine: prefill and decode throughput at several batch sizes.
@@ -116,6 +116,70 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+}
+
+/// `lab loadtest` (open loop; names follow vLLM's benchmark_serving where it has one).
+#[derive(Debug, Clone, Args)]
+pub struct LoadtestArgs {
+    /// Server base URL (`/v1` is appended when missing).
+    #[arg(long, default_value = "http://127.0.0.1:8000/v1")]
+    pub url: String,
+    /// Offered request rates, one step each, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,5,10,20,30")]
+    pub qps: Vec<f64>,
+    /// Inter-arrival times: poisson, constant or gamma:K.
+    #[arg(long, default_value = "poisson")]
+    pub arrival: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Measured seconds per step.
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// Seconds per step sent but not measured, before the measured window.
+    #[arg(long, default_value_t = 5.0)]
+    pub warmup: f64,
+    /// Safety cap on requests in flight; when hit the test is closed-loop and the table says so.
+    #[arg(long, default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Models (adapters or the base), comma-separated; patterns like customer-{01..50}; with
+    /// --validate write NAME=DOMAIN (e.g. lab-a=A) so prompts match each adapter's domain.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub models: Vec<String>,
+    /// How requests pick a model: uniform, zipf:S or round-robin.
+    #[arg(long, default_value = "uniform")]
+    pub mix: String,
+    /// Prompt domains from datasets/ (eval splits), comma-separated (default A,B,C unless
+    /// --input-len is given).
+    #[arg(long, value_delimiter = ',')]
+    pub prompts: Vec<String>,
+    #[arg(long, default_value = "datasets")]
+    pub datasets_dir: PathBuf,
+    /// Synthetic prompts of about this many tokens (instead of datasets).
+    #[arg(long)]
+    pub input_len: Option<usize>,
+    /// Output tokens of synthetic prompts (sent with ignore_eos).
+    #[arg(long, default_value_t = 64)]
+    pub output_len: usize,
+    /// Output cap for dataset prompts.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Score every answer as `lab eval` does and report accuracy per domain.
+    #[arg(long)]
+    pub validate: bool,
+    /// P99 end-to-end latency objective in ms; a step above it counts as saturated.
+    #[arg(long)]
+    pub slo: Option<f64>,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub timeout: f64,
+    /// Folder for results.json, results.csv and qps_latency.svg.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Exit non-zero when any step's error share exceeds this.
+    #[arg(long, default_value_t = 0.01)]
+    pub max_error_rate: f64,
+    #[arg(long, env = "OPENAI_API_KEY")]
+    pub api_key: Option<String>,
 }
 
 /// `lab bench`.

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod datasets;
 pub mod engine;
 pub mod eval;
+pub mod loadtest;
 pub mod openai;
 pub mod serve;
 pub mod train;

@@ -23,7 +23,7 @@ fn main() {
         Command::Generate(args) => commands::generate::run(&args),
         Command::TrainLora(args) => commands::train::run(&args),
         Command::Serve(args) => commands::serve::run(&args),
-        Command::Loadtest(_) => commands::not_yet("loadtest"),
+        Command::Loadtest(args) => commands::loadtest::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
         Command::Datasets(args) => commands::datasets(&args),

@@ -46,12 +46,14 @@ fn bad_models_give_one_line_and_exit_2() {
 }
 
 #[test]
-fn pending_subcommands_say_so() {
-    for cmd in ["loadtest"] {
-        let (code, _, err) = lab(&[cmd]);
-        assert_eq!(code, 2);
-        assert!(err.contains("not yet implemented"), "{cmd}: {err}");
-    }
+fn serve_and_loadtest_explain_bad_flags_in_one_line() {
+    assert_one_line_error(&["loadtest", "--models", "m", "--qps", "0"], "--qps needs positive rates");
+    assert_one_line_error(&["loadtest", "--models", "m", "--arrival", "weibull"], "unknown arrival");
+    assert_one_line_error(&["loadtest", "--models", "m", "--mix", "zipf:x"], "unknown mix");
+    assert_one_line_error(&["loadtest", "--models", "m", "--validate"], "NAME=A");
+    assert_one_line_error(&["loadtest", "--models", "m=Q", "--validate"], "--models m=Q");
+    assert_one_line_error(&["serve", "--model", "synthetic:tiny", "--lora-modules", "nopath"], "expected NAME=PATH");
+    assert_one_line_error(&["serve", "--model", "synthetic:tiny", "--kv-cache-memory", "lots"], "--kv-cache-memory");
 }
 
 #[test]

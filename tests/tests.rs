@@ -4,6 +4,7 @@ mod serve_util;
 mod util;
 
 mod cli;
+mod loadtest;
 mod lora;
 mod model_parity;
 mod peft_interop;

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod eval;
 pub mod generate;
+pub mod loadtest;
 pub mod serve;
 pub mod train;
 
@@ -11,12 +12,6 @@ use candle_core::{DType, Device};
 
 use crate::cli::{DatasetsAction, DatasetsArgs, ModelArgs};
 use crate::engine::loader::LoadedModel;
-
-/// Placeholder exit for subcommands whose issue has not landed yet.
-pub fn not_yet(name: &str) -> anyhow::Result<()> {
-    eprintln!("lab {name}: not yet implemented");
-    std::process::exit(2);
-}
 
 /// The error and its causes on one line.
 pub fn one_line(e: &anyhow::Error) -> String {

@@ -25,10 +25,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if args.max_loras == 0 {
         bail!("--max-loras must be at least 1");
     }
-    let source = ModelSource::parse(args.model.model.as_deref())?;
-    let loaded = load_model(&source, &lab_home(), dtype, &device)?;
-    super::report_loaded(&loaded);
-    let cfg = loaded.model.config().clone();
+    // Every flag is checked before the (slow) model load.
     let kv_bytes = match &args.kv_cache_memory {
         Some(s) => parse_bytes(s).with_context(|| format!("--kv-cache-memory {s}"))?,
         None if device.is_cuda() => {
@@ -36,6 +33,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         }
         None => 1 << 30,
     };
+    let source = ModelSource::parse(args.model.model.as_deref())?;
+    let loaded = load_model(&source, &lab_home(), dtype, &device)?;
+    super::report_loaded(&loaded);
+    let cfg = loaded.model.config().clone();
     let block_bytes = PagedKvCache::block_bytes(&cfg, args.block_size, dtype);
     let kv_blocks = kv_bytes / block_bytes;
     let kv_tokens = kv_blocks * args.block_size;
