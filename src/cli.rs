@@ -127,6 +127,10 @@ pub struct LoadtestArgs {
     /// Offered request rates, one step each, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,5,10,20,30")]
     pub qps: Vec<f64>,
+    /// Closed-loop steps instead of --qps: this many clients sending back to back (throughput
+    /// at a fixed concurrency), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
     /// Inter-arrival times: poisson, constant or gamma:K.
     #[arg(long, default_value = "poisson")]
     pub arrival: String,

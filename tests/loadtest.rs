@@ -45,6 +45,7 @@ fn settings(url: &str, max_in_flight: usize) -> LoadtestSettings {
         url: url.to_string(),
         api_key: None,
         qps: vec![20.0],
+        concurrency: vec![],
         arrival: Arrival::Constant,
         seed: 1,
         duration_s: 4.0,
@@ -127,4 +128,12 @@ fn loadtest_against_lab_serve_writes_table_json_csv_and_svg() {
     assert_eq!(csv.lines().count(), 3);
     let svg = std::fs::read_to_string(out.join("qps_latency.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("P99"), "{}", &svg[..200.min(svg.len())]);
+    // Closed loop: throughput at fixed concurrency.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lab"))
+        .args(["loadtest", "--url", &s.url, "--concurrency", "1,4", "--duration", "1.5", "--warmup", "0.2"])
+        .args(["--models", "alpha", "--input-len", "16", "--output-len", "8"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && stdout.contains("c=4") && stdout.contains("closed loop"), "{stdout}");
 }

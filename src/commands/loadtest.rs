@@ -39,6 +39,9 @@ pub fn run(args: &LoadtestArgs) -> anyhow::Result<()> {
 }
 
 fn settings(args: &LoadtestArgs) -> anyhow::Result<LoadtestSettings> {
+    if args.concurrency.contains(&0) {
+        bail!("--concurrency needs positive client counts, e.g. --concurrency 1,4,16");
+    }
     if args.qps.is_empty() || args.qps.iter().any(|q| !(*q > 0.0)) {
         bail!("--qps needs positive rates, e.g. --qps 1,2,4");
     }
@@ -87,6 +90,7 @@ fn settings(args: &LoadtestArgs) -> anyhow::Result<LoadtestSettings> {
         url,
         api_key: args.api_key.clone(),
         qps: args.qps.clone(),
+        concurrency: args.concurrency.clone(),
         arrival,
         seed: args.seed,
         duration_s: args.duration,

@@ -6,6 +6,7 @@
 //! percentiles and the saturation rule, [`report`] into the table, JSON, CSV and SVG.
 
 pub mod client;
+mod closed_loop;
 pub mod report;
 pub mod schedule;
 pub mod stats;
@@ -37,6 +38,9 @@ pub struct LoadtestSettings {
     pub url: String,
     pub api_key: Option<String>,
     pub qps: Vec<f64>,
+    /// Closed-loop steps instead of `qps`: this many clients sending back to back (a
+    /// throughput measurement, not a latency-under-load one).
+    pub concurrency: Vec<usize>,
     pub arrival: Arrival,
     pub seed: u64,
     pub duration_s: f64,
@@ -94,11 +98,11 @@ pub struct LoadtestResult {
 
 /// A prompt ready to send, with what validation needs.
 #[derive(Debug, Clone)]
-struct Prompt {
-    messages: Vec<ChatMessage>,
-    max_tokens: usize,
-    ignore_eos: bool,
-    gold: Option<(Domain, usize, String)>,
+pub(crate) struct Prompt {
+    pub(crate) messages: Vec<ChatMessage>,
+    pub(crate) max_tokens: usize,
+    pub(crate) ignore_eos: bool,
+    pub(crate) gold: Option<(Domain, usize, String)>,
 }
 
 /// Runs every step in order.
@@ -114,12 +118,20 @@ pub fn run(s: &LoadtestSettings) -> Result<LoadtestResult, LoadtestError> {
         .map_err(|e| LoadtestError::Config(format!("HTTP client: {e}")))?;
     let mut steps = Vec::new();
     let mut requests = Vec::new();
-    for (i, &qps) in s.qps.iter().enumerate() {
+    for (i, &qps) in s.qps.iter().enumerate().filter(|_| s.concurrency.is_empty()) {
         let records = rt.block_on(run_step(s, &client, &pool, i, qps));
         steps.push(summarize_step(s, qps, &records));
         requests.extend(records);
     }
-    let sat = stats::mark_saturation(&mut steps, s.slo_ms);
+    for (i, &n) in s.concurrency.iter().enumerate() {
+        let records = rt.block_on(closed_loop::run_step(s, &client, &pool, i, n));
+        let mut summary = summarize_step(s, 0.0, &records);
+        summary.concurrency = Some(n);
+        summary.offered_qps = summary.achieved_qps;
+        steps.push(summary);
+        requests.extend(records);
+    }
+    let sat = if s.concurrency.is_empty() { stats::mark_saturation(&mut steps, s.slo_ms) } else { None };
     Ok(LoadtestResult {
         url: s.url.clone(),
         steps,
@@ -172,7 +184,7 @@ fn load_prompts(s: &LoadtestSettings) -> Result<Vec<Vec<Prompt>>, LoadtestError>
 
 /// The prompt of request `i` to model `m`: from the model's domain under `--validate`, else
 /// cycling through all pools.
-fn prompt_for<'a>(s: &LoadtestSettings, pools: &'a [Vec<Prompt>], i: usize, m: usize) -> &'a Prompt {
+pub(crate) fn prompt_for<'a>(s: &LoadtestSettings, pools: &'a [Vec<Prompt>], i: usize, m: usize) -> &'a Prompt {
     let pool = match (&s.prompts, s.models[m].1) {
         (PromptSource::Datasets { domains, .. }, Some(d)) if s.validate => {
             &pools[domains.iter().position(|x| *x == d).unwrap_or(0)]
@@ -193,7 +205,7 @@ async fn run_step(
     let seed = s.seed.wrapping_add(step as u64 * 1_000_003);
     let times = schedule::arrivals(s.arrival, qps, total, seed);
     let picks = schedule::pick_models(s.mix, s.models.len(), times.len(), seed);
-    let bar = progress_bar(s, step, qps, times.len());
+    let bar = progress_bar(s, step, &format!("{qps} QPS"), times.len());
     let permits = Arc::new(tokio::sync::Semaphore::new(s.max_in_flight.max(1)));
     let start = Instant::now() + Duration::from_millis(50);
     let mut tasks = Vec::with_capacity(times.len());
@@ -224,24 +236,37 @@ async fn run_step(
     let mut out = Vec::with_capacity(tasks.len());
     for (i, task) in tasks.into_iter().enumerate() {
         let (model, gold, measured) = task.await.expect("request task");
-        let correct = match (&gold, s.validate && measured.ok) {
-            (Some((d, _, g)), true) => Some(crate::eval::score(*d, g, &measured.text).correct),
-            _ => None,
-        };
-        out.push(RequestRecord {
-            step,
-            offered_qps: qps,
-            scheduled_s: times[i],
-            warmup: times[i] < s.warmup_s,
-            model,
-            domain: gold.as_ref().map(|g| g.0.letter().to_string()),
-            example: gold.as_ref().map(|g| g.1),
-            correct,
-            measured,
-        });
+        out.push(record(s, step, qps, times[i], model, gold, measured));
     }
     bar.finish();
     out
+}
+
+/// One finished request as recorded (scored when `--validate`).
+pub(crate) fn record(
+    s: &LoadtestSettings,
+    step: usize,
+    qps: f64,
+    scheduled_s: f64,
+    model: String,
+    gold: Option<(Domain, usize, String)>,
+    measured: client::Measured,
+) -> RequestRecord {
+    let correct = match (&gold, s.validate && measured.ok) {
+        (Some((d, _, g)), true) => Some(crate::eval::score(*d, g, &measured.text).correct),
+        _ => None,
+    };
+    RequestRecord {
+        step,
+        offered_qps: qps,
+        scheduled_s,
+        warmup: scheduled_s < s.warmup_s,
+        model,
+        domain: gold.as_ref().map(|g| g.0.letter().to_string()),
+        example: gold.as_ref().map(|g| g.1),
+        correct,
+        measured,
+    }
 }
 
 fn summarize_step(s: &LoadtestSettings, qps: f64, records: &[RequestRecord]) -> StepSummary {
@@ -263,7 +288,7 @@ fn summarize_step(s: &LoadtestSettings, qps: f64, records: &[RequestRecord]) -> 
     stats::summarize(qps, s.duration_s, &samples)
 }
 
-fn progress_bar(s: &LoadtestSettings, step: usize, qps: f64, n: usize) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(s: &LoadtestSettings, step: usize, label: &str, n: usize) -> indicatif::ProgressBar {
     if !s.progress {
         return indicatif::ProgressBar::hidden();
     }
@@ -273,7 +298,8 @@ fn progress_bar(s: &LoadtestSettings, step: usize, qps: f64, n: usize) -> indica
             .expect("valid template")
             .progress_chars("=> "),
     );
-    bar.set_prefix(format!("step {}/{} {qps} QPS", step + 1, s.qps.len()));
+    let steps = if s.concurrency.is_empty() { s.qps.len() } else { s.concurrency.len() };
+    bar.set_prefix(format!("step {}/{steps} {label}", step + 1));
     bar
 }
 

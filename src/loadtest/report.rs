@@ -33,10 +33,14 @@ pub fn table(steps: &[StepSummary], recommended: Option<f64>) -> String {
         for (d, (c, n)) in &s.accuracy {
             let _ = write!(note, " {d}:{:.0}%", 100.0 * *c as f64 / (*n).max(1) as f64);
         }
+        let step = match s.concurrency {
+            Some(n) => format!("c={n}"),
+            None => format!("{:.2}", s.offered_qps),
+        };
         let _ = writeln!(
             out,
-            "{:>8.2} {:>9.2} {:>6} {:>6} {:>20} {:>20} {:>16} {:>9.1}{note}",
-            s.offered_qps,
+            "{:>8} {:>9.2} {:>6} {:>6} {:>20} {:>20} {:>16} {:>9.1}{note}",
+            step,
             s.achieved_qps,
             s.completed,
             s.error_count(),
@@ -45,6 +49,10 @@ pub fn table(steps: &[StepSummary], recommended: Option<f64>) -> String {
             p3(s.tpot),
             s.output_tokens_per_s
         );
+    }
+    if steps.iter().all(|s| s.concurrency.is_some()) {
+        let _ = writeln!(out, "closed loop (c = clients sending back to back): throughput, not latency under load");
+        return out;
     }
     match recommended {
         Some(r) => {

@@ -30,8 +30,10 @@ pub fn percentiles(secs: impl IntoIterator<Item = f64>) -> Option<Percentiles> {
 /// One QPS step's row.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StepSummary {
-    /// The nominal rate of the step.
+    /// The nominal rate of the step (closed loop: the achieved rate).
     pub offered_qps: f64,
+    /// Closed-loop step: clients sending back to back.
+    pub concurrency: Option<usize>,
     /// Requests the drawn schedule put in the window, per second (the offered rate realized).
     pub scheduled_qps: f64,
     pub achieved_qps: f64,
