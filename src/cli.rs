@@ -26,6 +26,8 @@ pub enum Command {
     Loadtest(LoadtestArgs),
     /// Score the base model or an adapter on a domain's eval split.
     Eval(EvalArgs),
+    /// The whole lab in one command: fetch the model, train A/B/C, serve 50 customers, sweep QPS.
+    Demo(DemoArgs),
     /// Measure the engine: prefill and decode throughput at several batch sizes.
     Bench(BenchArgs),
     /// Regenerate the built-in domain datasets (seeded, byte for byte).
@@ -146,7 +148,8 @@ pub struct LoadtestArgs {
     #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
     /// Models (adapters or the base), comma-separated; patterns like customer-{01..50}; with
-    /// --validate write NAME=DOMAIN (e.g. lab-a=A) so prompts match each adapter's domain.
+    /// --validate write NAME=DOMAIN (e.g. lab-a=A) so prompts match each adapter's domain and
+    /// its answers are scored (models without a domain are sent, not scored).
     #[arg(long, value_delimiter = ',', required = true)]
     pub models: Vec<String>,
     /// How requests pick a model: uniform, zipf:S or round-robin.
@@ -184,6 +187,32 @@ pub struct LoadtestArgs {
     pub max_error_rate: f64,
     #[arg(long, env = "OPENAI_API_KEY")]
     pub api_key: Option<String>,
+}
+
+/// `lab demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Results folder (adapters, customers, loadtest results, eval matrix).
+    #[arg(long, default_value = "lab-demo")]
+    pub out: PathBuf,
+    /// Training steps per domain (batch 8; adapters already in OUT/adapters are reused).
+    #[arg(long, default_value_t = 45)]
+    pub train_steps: usize,
+    /// Customers served (the three trained adapters plus synthetic ones).
+    #[arg(long, default_value_t = 50)]
+    pub customers: usize,
+    /// Offered rates of the sweep (CPU-sized by default).
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.4")]
+    pub qps: Vec<f64>,
+    /// Measured seconds per QPS step.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Eval examples per matrix cell.
+    #[arg(long, default_value_t = 40)]
+    pub eval_limit: usize,
+    /// Device slots of the server.
+    #[arg(long, default_value_t = 8)]
+    pub max_loras: usize,
 }
 
 /// `lab bench`.

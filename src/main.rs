@@ -25,6 +25,7 @@ fn main() {
         Command::Serve(args) => commands::serve::run(&args),
         Command::Loadtest(args) => commands::loadtest::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
+        Command::Demo(args) => commands::demo::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
         Command::Datasets(args) => commands::datasets(&args),
     };

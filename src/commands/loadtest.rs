@@ -81,8 +81,8 @@ fn settings(args: &LoadtestArgs) -> anyhow::Result<LoadtestSettings> {
             PromptSource::Datasets { dir: args.datasets_dir.clone(), domains }
         }
     };
-    if args.validate && domains.iter().any(Option::is_none) {
-        bail!("--validate needs each model's domain: write --models NAME=A,NAME=B,... (the base model too)");
+    if args.validate && domains.iter().all(Option::is_none) {
+        bail!("--validate needs the domain of the models to score: write --models NAME=A,NAME=B,... (models without one are sent but not scored)");
     }
     let url = args.url.trim_end_matches('/');
     let url = if url.ends_with("/v1") { url.to_string() } else { format!("{url}/v1") };

@@ -2,6 +2,7 @@
 //! `anyhow` lives here and in `main` only.
 
 pub mod bench;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod loadtest;
