@@ -22,21 +22,17 @@ impl Stop {
     }
 }
 
-/// `POST /v1/chat/completions` body.
+/// Sampling and streaming fields common to `/v1/chat/completions` and `/v1/completions`
+/// (flattened into both bodies).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ChatCompletionRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
+pub struct SamplingFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<usize>,
-    /// Newer name of `max_tokens`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_completion_tokens: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
-    /// vLLM extension.
+    /// vLLM extension (-1 = off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,6 +48,18 @@ pub struct ChatCompletionRequest {
     /// vLLM extension for fixed-length benchmarks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_eos: Option<bool>,
+}
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    /// Newer name of `max_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<usize>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
 }
 
 /// `stream_options` (`include_usage` adds a final chunk with `usage`).
@@ -119,29 +127,11 @@ pub enum Prompt {
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_k: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop: Option<Stop>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ignore_eos: Option<bool>,
     /// Echo the prompt before the completion (not supported: refused with 400 when true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub echo: Option<bool>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
 }
 
 /// One choice of a completion (streamed or not).

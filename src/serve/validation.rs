@@ -9,7 +9,7 @@ use super::catalog::Catalog;
 use super::error::ApiError;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::tokenizer::Tokenizer;
-use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, Stop, StreamOptions};
+use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, Stop};
 
 /// Which OpenAI endpoint a request came through (decides the response shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,20 +44,6 @@ pub struct Validator {
     pub max_model_len: usize,
 }
 
-/// Sampling fields common to both endpoints.
-struct Sampling<'a> {
-    max_tokens: Option<usize>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<i64>,
-    seed: Option<u64>,
-    stop: Option<&'a Stop>,
-    n: Option<usize>,
-    ignore_eos: Option<bool>,
-    stream: Option<bool>,
-    stream_options: Option<&'a StreamOptions>,
-}
-
 impl Validator {
     /// Validates a chat completion: renders the chat template and tokenizes.
     pub fn chat(&self, req: &ChatCompletionRequest, seq: u64) -> Result<ValidRequest, ApiError> {
@@ -76,18 +62,8 @@ impl Validator {
             .apply_chat_template(&req.messages, true)
             .map_err(|e| ApiError::bad("messages", e.to_string()))?;
         let ids = self.tokenizer.encode(&text).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let s = Sampling {
-            max_tokens: req.max_completion_tokens.or(req.max_tokens),
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            seed: req.seed,
-            stop: req.stop.as_ref(),
-            n: req.n,
-            ignore_eos: req.ignore_eos,
-            stream: req.stream,
-            stream_options: req.stream_options.as_ref(),
-        };
+        let mut s = req.sampling.clone();
+        s.max_tokens = req.max_completion_tokens.or(s.max_tokens);
         self.finish(format!("chatcmpl-{seq:x}"), Endpoint::Chat, &req.model, adapter, ids, "messages", s)
     }
 
@@ -116,18 +92,8 @@ impl Validator {
                 ids.clone()
             }
         };
-        let s = Sampling {
-            max_tokens: req.max_tokens.or(Some(16)), // OpenAI's default for completions
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            seed: req.seed,
-            stop: req.stop.as_ref(),
-            n: req.n,
-            ignore_eos: req.ignore_eos,
-            stream: req.stream,
-            stream_options: req.stream_options.as_ref(),
-        };
+        let mut s = req.sampling.clone();
+        s.max_tokens = s.max_tokens.or(Some(16)); // OpenAI's default for completions
         self.finish(format!("cmpl-{seq:x}"), Endpoint::Completion, &req.model, adapter, ids, "prompt", s)
     }
 
@@ -151,7 +117,7 @@ impl Validator {
         adapter: Option<String>,
         prompt_ids: Vec<u32>,
         prompt_param: &str,
-        s: Sampling,
+        s: SamplingFields,
     ) -> Result<ValidRequest, ApiError> {
         if prompt_ids.is_empty() {
             return Err(ApiError::bad(prompt_param, "the prompt is empty"));
@@ -199,7 +165,7 @@ impl Validator {
             seed: s.seed.unwrap_or_else(rand::random),
             max_tokens,
             ignore_eos: s.ignore_eos.unwrap_or(false),
-            stop: s.stop.cloned().map(Stop::into_vec).unwrap_or_default(),
+            stop: s.stop.map(Stop::into_vec).unwrap_or_default(),
         };
         Ok(ValidRequest {
             id,
