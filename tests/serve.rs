@@ -385,3 +385,18 @@ fn the_openai_python_client_drives_the_server() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("openai client: all checks passed"), "{stdout}");
 }
+
+#[test]
+fn running_out_of_kv_blocks_preempts_and_recomputes_without_changing_outputs() {
+    // 8 KiB blocks for the tiny model: 256 KiB = 32 blocks = 512 positions, for 8 requests of
+    // ~100 positions each.
+    let s = Server::tiny(&["--kv-cache-memory", "256KiB", "--max-model-len", "256"]);
+    let reqs: Vec<(String, String)> =
+        (0..8).map(|i| (BASE.to_string(), format!("Preemption test {i}: {}", "go on ".repeat(i)))).collect();
+    let alone: Vec<String> = reqs.iter().map(|(m, p)| s.chat(m, p, 70).0).collect();
+    assert_eq!(s.metric("vllm:num_preemptions_total"), 0.0);
+    let together = concurrent_chats(&s, &reqs, 70);
+    assert!(s.metric("vllm:num_preemptions_total") > 0.0, "the pool was meant to run out");
+    assert_eq!(alone, together);
+    assert!(wait_until(10, || s.metric("lab_kv_free_blocks") == s.metric("lab_kv_total_blocks")));
+}

@@ -21,7 +21,10 @@ pub struct Server {
 impl Server {
     /// `lab serve --model synthetic:tiny --port 0 <extra>`; waits for the listening line.
     pub fn tiny(extra: &[&str]) -> Server {
-        let mut args = vec!["serve", "--model", "synthetic:tiny", "--port", "0", "--kv-cache-memory", "64MiB"];
+        let mut args = vec!["serve", "--model", "synthetic:tiny", "--port", "0"];
+        if !extra.contains(&"--kv-cache-memory") {
+            args.extend(["--kv-cache-memory", "64MiB"]);
+        }
         args.extend_from_slice(extra);
         Server::start(&args)
     }

@@ -461,4 +461,27 @@ mod tests {
         s.finish(1, &mut res);
         assert_eq!((res.free_blocks, res.pins[0]), (10, 0));
     }
+
+    #[test]
+    fn a_preempted_sequence_keeps_its_pinned_adapter_slot_and_resumes_on_it() {
+        let mut s = Scheduler::new(cfg(8, 100));
+        let mut res = Fake::new(2, 2); // 8 positions in all
+        s.add(1, vec![1; 4], Some("x".into()));
+        s.add(2, vec![2; 4], Some("y".into()));
+        step(&mut s, &mut res);
+        let y_slot = res.slots.iter().position(|a| a.as_deref() == Some("y")).unwrap();
+        let p = step(&mut s, &mut res);
+        assert_eq!(p.preempted, vec![2]);
+        // Still pinned while it waits: a reload of `y` meanwhile cannot reach it, and nobody
+        // can evict the version it started with.
+        assert_eq!(res.pins[y_slot], 1);
+        res.slots[y_slot] = Some("y-old-version".into());
+        s.finish(1, &mut res);
+        let p = step(&mut s, &mut res);
+        let resumed = p.batch.iter().find(|c| c.id == 2).expect("re-admitted");
+        assert_eq!(resumed.slot, Some(y_slot), "resumes on the slot it pinned, not a fresh acquire");
+        assert_eq!(res.pins[y_slot], 1);
+        s.finish(2, &mut res);
+        assert_eq!(res.pins[y_slot], 0);
+    }
 }
