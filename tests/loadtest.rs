@@ -137,3 +137,29 @@ fn loadtest_against_lab_serve_writes_table_json_csv_and_svg() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && stdout.contains("c=4") && stdout.contains("closed loop"), "{stdout}");
 }
+
+#[test]
+fn validate_scores_only_models_declared_with_a_domain() {
+    let (url, _rt) = stalling_server();
+    let mut s = settings(&url, 1024);
+    s.duration_s = 1.0;
+    s.models = vec![("base".into(), None), ("sql".into(), Some(lab::datasets::Domain::A))];
+    s.mix = Mix::RoundRobin;
+    s.prompts = PromptSource::Datasets {
+        dir: std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets"),
+        domains: vec![lab::datasets::Domain::A, lab::datasets::Domain::B],
+    };
+    s.validate = true;
+    let r = lab::loadtest::run(&s).unwrap();
+    assert!(r.requests.len() >= 10);
+    for q in &r.requests {
+        match q.model.as_str() {
+            "base" => assert_eq!(q.correct, None, "undeclared models are traffic, not scored"),
+            _ => {
+                assert_eq!(q.domain.as_deref(), Some("A"), "prompts match the declared domain");
+                assert_eq!(q.correct, Some(false), "the fake server's `ok` is not SQL");
+            }
+        }
+    }
+    assert_eq!(r.steps[0].accuracy.keys().collect::<Vec<_>>(), vec!["A"]);
+}

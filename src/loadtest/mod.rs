@@ -252,7 +252,10 @@ pub(crate) fn record(
     gold: Option<(Domain, usize, String)>,
     measured: client::Measured,
 ) -> RequestRecord {
-    let correct = match (&gold, s.validate && measured.ok) {
+    // Only a model declared with a domain (`NAME=A`) is scored: the others (the base, synthetic
+    // customers) get dataset prompts as traffic, but no one claims they can answer them.
+    let declared = s.models.iter().any(|(name, d)| *name == model && d.is_some());
+    let correct = match (&gold, s.validate && measured.ok && declared) {
         (Some((d, _, g)), true) => Some(crate::eval::score(*d, g, &measured.text).correct),
         _ => None,
     };
