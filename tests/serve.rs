@@ -400,3 +400,26 @@ fn running_out_of_kv_blocks_preempts_and_recomputes_without_changing_outputs() {
     assert_eq!(alone, together);
     assert!(wait_until(10, || s.metric("lab_kv_free_blocks") == s.metric("lab_kv_total_blocks")));
 }
+
+#[test]
+fn sigterm_stops_accepting_and_lets_in_flight_streams_finish() {
+    let mut s = Server::tiny(&["--shutdown-timeout", "30"]);
+    let mut body = chat_body(BASE, "A long goodbye", 600);
+    body["stream"] = json!(true);
+    let ((text, finish, _), done_at, term_at) = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| (s.chat_stream(&body), Instant::now()));
+        std::thread::sleep(Duration::from_millis(150));
+        s.sigterm();
+        let term_at = Instant::now();
+        std::thread::sleep(Duration::from_millis(200));
+        let refused = client().post(format!("{}/v1/chat/completions", s.url)).json(&chat_body(BASE, "hi", 2)).send();
+        assert!(refused.is_err(), "a new connection after SIGTERM must be refused");
+        let (r, done_at) = stream.join().unwrap();
+        (r, done_at, term_at)
+    });
+    assert!(done_at > term_at, "the stream ended before SIGTERM: the test proved nothing");
+    assert_eq!(finish, "length", "the in-flight stream ran to its end");
+    assert!(!text.is_empty());
+    assert_eq!(s.wait_exit(20), Some(0), "the server exits once in-flight work is done");
+    assert!(s.log.lock().unwrap().iter().any(|l| l.contains("shutting down")));
+}

@@ -56,6 +56,24 @@ impl Server {
         Server { child, url, log }
     }
 
+    /// Sends SIGTERM to the server process.
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits up to `secs` for the process to exit; its exit code if it did.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let resp = client().post(format!("{}{path}", self.url)).json(body).send().expect("POST");
         let status = resp.status().as_u16();
