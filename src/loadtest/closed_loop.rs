@@ -24,22 +24,25 @@ pub async fn run_step(
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(total);
+    // One shared copy of the settings and prompt pools for all clients.
+    let shared = Arc::new((s.clone(), pools.to_vec()));
     let mut workers = Vec::new();
     for _ in 0..n.max(1) {
-        let (http, picks, next, bar) = (http.clone(), picks.clone(), next.clone(), bar.clone());
-        let (url, key, timeout) = (s.url.clone(), s.api_key.clone(), s.timeout);
-        let (models, pools, settings) = (s.models.clone(), pools.to_vec(), s.clone());
+        let (http, picks, next, bar, shared) = (http.clone(), picks.clone(), next.clone(), bar.clone(), shared.clone());
         workers.push(tokio::spawn(async move {
+            let (settings, pools) = &*shared;
             let mut out = Vec::new();
             while Instant::now() < end {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let m = picks[i % picks.len()];
-                let p = prompt_for(&settings, &pools, i, m).clone();
-                let body = client::chat_body(&models[m].0, &p.messages, p.max_tokens, p.ignore_eos);
+                let p = prompt_for(settings, pools, i, m);
+                let model = &settings.models[m].0;
+                let body = client::chat_body(model, &p.messages, p.max_tokens, p.ignore_eos);
                 let sent = Instant::now();
-                let measured = client::send(&http, &url, key.as_deref(), &body, sent, timeout).await;
+                let (url, key) = (&settings.url, settings.api_key.as_deref());
+                let measured = client::send(&http, url, key, &body, sent, settings.timeout).await;
                 bar.inc(1);
-                out.push(((sent - start).as_secs_f64(), models[m].0.clone(), p.gold, measured));
+                out.push(((sent - start).as_secs_f64(), model.clone(), p.gold.clone(), measured));
             }
             out
         }));

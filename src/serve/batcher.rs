@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -150,28 +150,20 @@ impl EngineState {
                 e.scheduler.schedule(&mut res)
             };
             self.fail_unschedulable(&plan);
-            self.publish_gauges(plan.preempted.len());
-            if plan.batch.is_empty() && self.live.is_empty() {
-                continue; // everything left was cancelled or failed: back to blocking
-            }
-            if plan.batch.is_empty() {
-                // Waiting on an adapter load (or nothing left): sleep briefly, wake on a command.
-                if !self.live.is_empty() {
-                    match rx.recv_timeout(Duration::from_millis(2)) {
-                        Ok(cmd) => self.handle(cmd),
-                        Err(RecvTimeoutError::Disconnected) if self.live.is_empty() => return,
-                        Err(_) => {}
-                    }
-                }
-                continue;
-            }
             if let Err(e) = self.step(&plan) {
                 tracing::error!("engine step failed: {e}");
                 for s in &plan.batch {
                     self.end(s.id, Err(ApiError::Internal(format!("engine step failed: {e}"))));
                 }
             }
-            self.publish_gauges(0);
+            // Once per iteration, after the step, so an engine about to block shows its final state.
+            self.publish_gauges(plan.preempted.len());
+            if plan.batch.is_empty() && !self.live.is_empty() {
+                // Waiting on an adapter load: sleep briefly, but wake on a command.
+                if let Ok(cmd) = rx.recv_timeout(Duration::from_millis(2)) {
+                    self.handle(cmd);
+                }
+            }
         }
     }
 
@@ -224,6 +216,9 @@ impl EngineState {
 
     /// One packed forward over the plan, then sampling and replies.
     fn step(&mut self, plan: &StepPlan) -> crate::engine::Result<()> {
+        if plan.batch.is_empty() {
+            return Ok(());
+        }
         let mut batch = PackedBatch::default();
         let mut tables: Vec<BlockTable> = Vec::with_capacity(plan.batch.len());
         for s in &plan.batch {

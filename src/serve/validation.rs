@@ -61,7 +61,7 @@ impl Validator {
             .tokenizer
             .apply_chat_template(&req.messages, true)
             .map_err(|e| ApiError::bad("messages", e.to_string()))?;
-        let ids = self.tokenizer.encode(&text).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let ids = self.encode(&text)?;
         let mut s = req.sampling.clone();
         s.max_tokens = req.max_completion_tokens.or(s.max_tokens);
         self.finish(format!("chatcmpl-{seq:x}"), Endpoint::Chat, &req.model, adapter, ids, "messages", s)
@@ -74,10 +74,8 @@ impl Validator {
             return Err(ApiError::bad("echo", "`echo` is not supported by lab"));
         }
         let ids = match &req.prompt {
-            Prompt::Text(t) => self.tokenizer.encode(t).map_err(|e| ApiError::Internal(e.to_string()))?,
-            Prompt::Texts(v) if v.len() == 1 => {
-                self.tokenizer.encode(&v[0]).map_err(|e| ApiError::Internal(e.to_string()))?
-            }
+            Prompt::Text(t) => self.encode(t)?,
+            Prompt::Texts(v) if v.len() == 1 => self.encode(&v[0])?,
             Prompt::Texts(v) => {
                 return Err(ApiError::bad("prompt", format!("lab takes one prompt per request, got {}", v.len())))
             }
@@ -95,6 +93,10 @@ impl Validator {
         let mut s = req.sampling.clone();
         s.max_tokens = s.max_tokens.or(Some(16)); // OpenAI's default for completions
         self.finish(format!("cmpl-{seq:x}"), Endpoint::Completion, &req.model, adapter, ids, "prompt", s)
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+        self.tokenizer.encode(text).map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     /// `model` -> `None` (base) or `Some(adapter)`; 404 when neither.
