@@ -30,6 +30,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure the engine: prefill and decode throughput at several batch sizes.
     Bench(BenchArgs),
+    /// Check the device's kernels and the engine on it against the CPU reference (fresh random
+    /// inputs); exits non-zero on any failure.
+    Selftest(SelftestArgs),
     /// Regenerate the built-in domain datasets (seeded, byte for byte).
     Datasets(DatasetsArgs),
 }
@@ -235,9 +238,34 @@ pub struct BenchArgs {
     /// Rank of the random benchmark adapters (all seven projections).
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
-    /// Print one JSON object per batch size instead of a table.
+    /// Prompt lengths of the prefill points (batch 1, base only), comma-separated; empty = none.
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub prefill_len: Vec<usize>,
+    /// Timed samples per point; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Measure copy bandwidth (and the matmul rate) in this process and print every decode step
+    /// as a ratio to its floor: (weight + KV + adapter bytes read) / bandwidth.
+    #[arg(long)]
+    pub floor: bool,
+    /// Print JSON lines (one per point, then a summary) instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `lab selftest`.
+#[derive(Debug, Clone, Args)]
+pub struct SelftestArgs {
+    /// Device whose kernels are checked against the CPU f32 reference: cuda or cuda:N (cpu
+    /// checks the reference paths against each other).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Seed of the random inputs (default: from the clock, so every run draws fresh inputs).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Folder with the tiny HF Llama and the PEFT adapters made by the real tools (PEFT parity).
+    #[arg(long, default_value = "tests/fixtures")]
+    pub fixtures: std::path::PathBuf,
 }
 
 /// Flags shared by every command that loads a model.

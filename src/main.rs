@@ -27,6 +27,7 @@ fn main() {
         Command::Eval(args) => commands::eval::run(&args),
         Command::Demo(args) => commands::demo::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
+        Command::Selftest(args) => commands::selftest::run(&args),
         Command::Datasets(args) => commands::datasets(&args),
     };
     if let Err(e) = result {

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod loadtest;
+pub mod selftest;
 pub mod serve;
 pub mod train;
 
@@ -32,9 +33,7 @@ pub fn device_and_dtype(args: &ModelArgs) -> anyhow::Result<(Device, DType)> {
         "cpu" => Device::Cpu,
         d if d.starts_with("cuda") => {
             let ordinal = d.strip_prefix("cuda:").map(|n| n.parse::<usize>()).transpose()?.unwrap_or(0);
-            Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!("cannot open {d}: {e} (this binary needs the `cuda` feature and an NVIDIA driver)")
-            })?
+            open_cuda(ordinal).map_err(|e| anyhow::anyhow!("cannot open {d}: {e}"))?
         }
         other => anyhow::bail!("unknown --device {other} (use cpu, cuda or cuda:N)"),
     };
@@ -46,6 +45,16 @@ pub fn device_and_dtype(args: &ModelArgs) -> anyhow::Result<(Device, DType)> {
         Some(other) => anyhow::bail!("unknown --dtype {other} (use f32, bf16 or f16)"),
     };
     Ok((device, dtype))
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
+    Ok(crate::engine::cuda::open_device(ordinal)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> anyhow::Result<Device> {
+    anyhow::bail!("this binary was built without CUDA (rebuild with `cargo build --release --features cuda`, see bench/setup-cuda-toolchain.sh)")
 }
 
 /// One stderr line naming the model, its size and, for random weights, that they are synthetic.

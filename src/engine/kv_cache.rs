@@ -13,6 +13,28 @@ pub trait KvStore {
     /// Stores `k`, `v` (this step's tokens) for `seq` in `layer` and returns the keys and values
     /// of all positions `0..past_len + tokens` of that sequence.
     fn store_and_fetch(&mut self, seq: usize, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+
+    /// The block pool and this batch's block tables, for kernels that read and write the pool
+    /// in place (CUDA); `None` for stores without one. A forward that uses the view calls
+    /// [`KvStore::commit`] once at its end instead of [`KvStore::store_and_fetch`] per layer.
+    fn paged_view(&self) -> Option<PagedView> {
+        None
+    }
+
+    /// Records that sequence `i` of the batch now holds `new_lens[i]` more positions.
+    fn commit(&mut self, _new_lens: &[usize]) {}
+}
+
+/// A paged pool as device kernels see it: per layer the key and value pools
+/// `[num_blocks * block_size, kv_heads, head_dim]`, and per batch sequence its block ids and the
+/// positions already stored.
+#[derive(Debug, Clone)]
+pub struct PagedView {
+    pub block_size: usize,
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub tables: Vec<Vec<u32>>,
+    pub past: Vec<usize>,
 }
 
 /// No cache: each sequence is processed whole in one forward (training, scoring).

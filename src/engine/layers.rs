@@ -108,6 +108,38 @@ impl Rope {
     }
 }
 
+/// cos/sin of every position below `len`, computed once (in f64, as [`Rope::tables`]) and kept
+/// on the model's device, so a forward only uploads its positions and gathers rows.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    rope: Rope,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+}
+
+impl RopeTable {
+    /// Positions precomputed at most (longer contexts compute their tables per forward).
+    const MAX_CACHED: usize = 131_072;
+
+    pub fn new(rope: &Rope, len: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let positions: Vec<usize> = (0..len.clamp(1, Self::MAX_CACHED)).collect();
+        let (cos, sin) = rope.tables(&positions, dtype, device)?;
+        Ok(Self { rope: rope.clone(), cos, sin, dtype })
+    }
+
+    /// `cos`, `sin` of shape `[positions.len(), head_dim / 2]`.
+    pub fn at(&self, positions: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+        let cached = self.cos.dim(0)?;
+        if positions.iter().any(|&p| p >= cached) {
+            return self.rope.tables(positions, self.dtype, device);
+        }
+        let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let idx = Tensor::from_vec(idx, positions.len(), device)?;
+        Ok((self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?))
+    }
+}
+
 /// Llama-3 frequency scaling of one inverse frequency (as in HF `_compute_llama3_parameters`).
 fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
     let old = s.original_max_position_embeddings as f64;

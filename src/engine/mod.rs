@@ -4,7 +4,10 @@
 //! [`candle_core::Device`]; shape logic never assumes the CPU.
 
 pub mod adapters;
+pub mod attention;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod detokenizer;
 pub mod generate;
 pub mod gguf;
@@ -55,6 +58,8 @@ pub enum EngineError {
     Template(String),
     #[error("io error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("device: {0}")]
+    Device(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

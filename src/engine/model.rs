@@ -1,12 +1,13 @@
 //! The Llama decoder over a packed batch: many sequences of different lengths, each at its own
 //! position, in one forward (prefill chunks and decode tokens mixed).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::attention::{causal_mask, paged_ops, sdpa, PagedPlan};
 use super::config::LlamaConfig;
 use super::kv_cache::KvStore;
-use super::layers::{at_least_f32, OpsMode, Proj, RmsNorm, Rope};
+use super::layers::{at_least_f32, OpsMode, Proj, RmsNorm, Rope, RopeTable};
 use super::lora::{LoraModule, ProjKey};
 use super::lora_op::{apply_lora, LoraWeights, RowGroups};
 use super::Result;
@@ -102,8 +103,11 @@ pub struct Llama {
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Proj,
-    rope: Rope,
+    rope: RopeTable,
     mode: OpsMode,
+    /// Attention reads and writes a paged pool in place (see [`PagedPlan`]) when the KV store
+    /// has one; on by default where that path has kernels (CUDA).
+    paged_kernels: bool,
     dtype: DType,
     device: Device,
 }
@@ -146,8 +150,12 @@ impl Llama {
             layers,
             norm: RmsNorm::load(vm.pp("norm"), h, cfg.rms_norm_eps)?,
             lm_head,
-            rope: Rope::new(cfg),
+            rope: RopeTable::new(&Rope::new(cfg), cfg.max_position_embeddings, vb.dtype(), vb.device())?,
             mode: OpsMode::Fused,
+            paged_kernels: vb.device().is_cuda()
+                && paged_ops::kernel_dtype(vb.dtype())
+                && cfg.head_dim <= 256
+                && cfg.num_attention_heads / cfg.num_key_value_heads <= 8,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -156,6 +164,13 @@ impl Llama {
     /// Switches between fused kernels (inference) and differentiable ops (training).
     pub fn with_mode(mut self, mode: OpsMode) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// Forces the in-place paged attention path on or off (tests run it on the CPU, where its
+    /// ops have reference implementations, against the per-sequence path).
+    pub fn with_paged_kernels(mut self, on: bool) -> Self {
+        self.paged_kernels = on;
         self
     }
 
@@ -199,16 +214,25 @@ impl Llama {
         let n = batch.tokens.len();
         let ids = Tensor::from_slice(&batch.tokens, n, &self.device)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
-        let (cos, sin) = self.rope.tables(&batch.positions(), self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.at(&batch.positions(), &self.device)?;
+        let plan = match kv.paged_view() {
+            Some(view) if self.paged_kernels && self.mode == OpsMode::Fused => {
+                Some(PagedPlan::new(batch, view, self.dtype, &self.device)?)
+            }
+            _ => None,
+        };
         for (l, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x, self.mode)?;
-            let a = self.attention(l, &block.self_attn, &h, batch, (&cos, &sin), kv, lora)?;
+            let a = self.attention(l, &block.self_attn, &h, batch, (&cos, &sin), kv, plan.as_ref(), lora)?;
             x = (x + a)?;
             let h = block.post_attention_layernorm.forward(&x, self.mode)?;
             let m = &block.mlp;
             let gate = candle_nn::ops::silu(&proj(&m.gate_proj, &h, l, LoraModule::Gate, lora)?)?;
             let up = proj(&m.up_proj, &h, l, LoraModule::Up, lora)?;
             x = (x + proj(&m.down_proj, &(gate * up)?, l, LoraModule::Down, lora)?)?;
+        }
+        if let Some(plan) = &plan {
+            kv.commit(plan.new_lens());
         }
         let rows = match at {
             LogitsAt::Last => Some(batch.last_indices()),
@@ -223,6 +247,7 @@ impl Llama {
     }
 
     /// Grouped-query attention of every sequence against its own cached past.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: usize,
@@ -231,6 +256,7 @@ impl Llama {
         batch: &PackedBatch,
         (cos, sin): (&Tensor, &Tensor),
         kv: &mut dyn KvStore,
+        plan: Option<&PagedPlan>,
         lora: Option<&LoraCtx>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -241,41 +267,23 @@ impl Llama {
         let v = proj(&attn.v_proj, x, layer, LoraModule::V, lora)?.reshape((n, nkv, hd))?;
         let q = Rope::apply(&q, cos, sin, self.mode)?;
         let k = Rope::apply(&k, cos, sin, self.mode)?;
+        if let Some(plan) = plan {
+            let o = plan.attend(layer, &q, &k, &v, self.mode)?;
+            return proj(&attn.o_proj, &o, layer, LoraModule::O, lora);
+        }
         let mut outs = Vec::with_capacity(batch.seqs.len());
         let mut start = 0;
         for (s, span) in batch.seqs.iter().enumerate() {
             let (k_all, v_all) =
                 kv.store_and_fetch(s, layer, &k.narrow(0, start, span.len)?, &v.narrow(0, start, span.len)?)?;
-            outs.push(self.sdpa(&q.narrow(0, start, span.len)?, &k_all, &v_all, span.past_len)?);
+            let keys = k_all.dim(0)?;
+            let mask =
+                (span.len > 1).then(|| causal_mask(span.len, keys, span.past_len, self.dtype, &self.device)).transpose()?;
+            outs.push(sdpa(&q.narrow(0, start, span.len)?, &k_all, &v_all, mask.as_ref(), self.mode)?);
             start += span.len;
         }
         let o = Tensor::cat(&outs, 0)?;
         proj(&attn.o_proj, &o, layer, LoraModule::O, lora)
-    }
-
-    /// Causal attention of one sequence: `q: [L, H, D]`, `k, v: [S, KVH, D]` with `S = past + L`.
-    ///
-    /// Query heads are grouped per KV head (`[KVH, rep * L, D]`) so keys are never repeated.
-    fn sdpa(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
-        let (l, nh, hd) = q.dims3()?;
-        let (s, nkv, _) = k.dims3()?;
-        let rep = nh / nkv;
-        let q = q.transpose(0, 1)?.reshape((nkv, rep * l, hd))?.contiguous()?;
-        let k = k.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if l > 1 {
-            let mask = causal_mask(l, s, past, scores.dtype(), q.device())?;
-            scores = scores.reshape((nkv, rep, l, s))?.broadcast_add(&mask)?.reshape((nkv, rep * l, s))?;
-        }
-        let probs = match self.mode {
-            OpsMode::Fused => candle_nn::ops::softmax_last_dim(&scores.to_dtype(at_least_f32(self.dtype))?)?,
-            OpsMode::Differentiable => candle_nn::ops::softmax(&scores.to_dtype(at_least_f32(self.dtype))?, D::Minus1)?,
-        }
-        .to_dtype(v.dtype())?;
-        let o = probs.matmul(&v)?; // [KVH, rep * L, D]
-        Ok(o.reshape((nh, l, hd))?.transpose(0, 1)?.reshape((l, nh * hd))?)
     }
 }
 
@@ -296,13 +304,6 @@ fn proj(p: &Proj, x: &Tensor, layer: usize, module: LoraModule, lora: Option<&Lo
         Some(ctx) => apply_lora(y, x, ProjKey { layer, module }, &ctx.rows, ctx.weights),
         None => Ok(y),
     }
-}
-
-/// `[L, S]` additive mask: query `i` (position `past + i`) sees keys `0..=past + i`.
-fn causal_mask(l: usize, s: usize, past: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..l).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Ok(Tensor::from_vec(mask, (l, s), device)?.to_dtype(dtype)?)
 }
 
 impl Llama {

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
-use super::kv_cache::KvStore;
+use super::kv_cache::{KvStore, PagedView};
 use super::{EngineError, Result};
 
 /// Blocks owned by one sequence and how many positions they hold.
@@ -140,5 +140,22 @@ impl KvStore for PagedBatch<'_> {
             self.tables[seq].len = past + n;
         }
         Ok(out)
+    }
+
+    fn paged_view(&self) -> Option<PagedView> {
+        let c = &*self.cache;
+        Some(PagedView {
+            block_size: c.block_size,
+            k: c.k.clone(),
+            v: c.v.clone(),
+            tables: self.tables.iter().map(|t| t.blocks.clone()).collect(),
+            past: self.tables.iter().map(|t| t.len).collect(),
+        })
+    }
+
+    fn commit(&mut self, new_lens: &[usize]) {
+        for (t, n) in self.tables.iter_mut().zip(new_lens) {
+            t.len += n;
+        }
     }
 }

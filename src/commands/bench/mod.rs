@@ -1,0 +1,132 @@
+//! `lab bench`: decode step time per batch size and number of distinct adapters, prefill
+//! tokens/s per prompt length, adapter load time (PEFT files -> usable slot) and device memory;
+//! with `--floor`, each decode step beside its floor measured in the same process.
+//!
+//! Sequences live in the paged KV pool, as the server runs them; prompts are random token ids
+//! (seeded); benchmark adapters are random rank-`--lora-rank` LoRAs on all seven projections.
+
+mod floor;
+mod points;
+mod report;
+
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use super::{device_and_dtype, report_loaded};
+use crate::cli::BenchArgs;
+use crate::engine::loader::{load_model, LoadedModel};
+use crate::engine::lora::LoraAdapter;
+use crate::engine::lora_slots::SlotBank;
+use crate::engine::source::{lab_home, ModelSource};
+use points::{DecodePoint, PrefillPoint};
+
+/// Everything one `lab bench` run measured.
+pub struct BenchRun {
+    pub model: String,
+    pub synthetic: bool,
+    pub device: String,
+    pub device_name: String,
+    pub dtype: DType,
+    pub load_s: f64,
+    pub ceilings: Option<floor::Ceilings>,
+    pub weight_bytes: f64,
+    pub decode: Vec<DecodePoint>,
+    pub prefill: Vec<PrefillPoint>,
+    pub adapter_load_ms: f64,
+    /// Device memory in use at the end (the caching pool keeps its high-water mark), bytes.
+    pub device_mem_used: Option<usize>,
+}
+
+/// Runs `lab bench`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let (device, dtype) = device_and_dtype(&args.model)?;
+    let source = ModelSource::parse(args.model.model.as_deref())?;
+    let t = Instant::now();
+    let loaded = load_model(&source, &lab_home(), dtype, &device)?;
+    let load_s = t.elapsed().as_secs_f64();
+    report_loaded(&loaded);
+    let ceilings = if args.floor { Some(floor::measure(&device, dtype)?) } else { None };
+    let max_adapters = args.adapters.iter().copied().max().unwrap_or(0);
+    let bank = adapter_bank(&loaded, max_adapters, args.lora_rank, dtype, &device)?;
+    let mut decode = Vec::new();
+    for &b in &args.batch {
+        decode.extend(points::decode_points(&loaded, &bank, b, args)?);
+    }
+    let prefill = args
+        .prefill_len
+        .iter()
+        .filter(|&&l| l > 0)
+        .map(|&l| points::prefill_point(&loaded, l, args.repeats))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let adapter_load_ms = adapter_load_ms(&loaded, args.lora_rank, dtype, &device)?;
+    let run = BenchRun {
+        model: loaded.name.clone(),
+        synthetic: loaded.synthetic,
+        device: args.model.device.clone(),
+        device_name: device_name(&device),
+        dtype,
+        load_s,
+        ceilings,
+        weight_bytes: floor::weight_bytes_read(&loaded.model),
+        decode,
+        prefill,
+        adapter_load_ms,
+        device_mem_used: device_mem_used(&device),
+    };
+    if args.json {
+        report::print_json(&run, &loaded, args);
+    } else {
+        report::print_table(&run, &loaded, args);
+    }
+    Ok(())
+}
+
+/// A slot bank holding `n` distinct random adapters in slots `0..n`.
+fn adapter_bank(m: &LoadedModel, n: usize, rank: usize, dtype: DType, device: &Device) -> anyhow::Result<SlotBank> {
+    let cfg = m.model.config();
+    let mut bank = SlotBank::new(cfg, n.max(1), rank, dtype, device)?;
+    for slot in 0..n {
+        bank.write(slot, &LoraAdapter::random(cfg, rank, 1000 + slot as u64, dtype, device)?)?;
+    }
+    Ok(bank)
+}
+
+/// Saves one random adapter as PEFT files, then times load + validation + copy into a slot
+/// (median of `5`).
+fn adapter_load_ms(m: &LoadedModel, rank: usize, dtype: DType, device: &Device) -> anyhow::Result<f64> {
+    let cfg = m.model.config();
+    let dir = std::env::temp_dir().join(format!("lab-bench-adapter-{}", std::process::id()));
+    LoraAdapter::random(cfg, rank, 7, DType::F32, &Device::Cpu)?.save(&dir)?;
+    let mut bank = SlotBank::new(cfg, 1, rank, dtype, device)?;
+    let s = floor::median_seconds(device, 1, 5, || {
+        let a = LoraAdapter::load(&dir, cfg, rank, dtype, device)?;
+        bank.write(0, &a)?;
+        Ok(())
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(s * 1e3)
+}
+
+#[cfg(feature = "cuda")]
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cuda(_) => crate::engine::cuda::device_name(device).unwrap_or_else(|_| "cuda".into()),
+        _ => "cpu".into(),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_name(_device: &Device) -> String {
+    "cpu".into()
+}
+
+#[cfg(feature = "cuda")]
+fn device_mem_used(device: &Device) -> Option<usize> {
+    device.is_cuda().then(|| crate::engine::cuda::mem_info(device).ok().map(|(free, total)| total - free)).flatten()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_mem_used(_device: &Device) -> Option<usize> {
+    None
+}

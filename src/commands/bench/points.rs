@@ -1,0 +1,127 @@
+//! The measured points of `lab bench`: decode steps of a batch in the paged pool, and prefill.
+
+use std::time::Instant;
+
+use candle_core::{Tensor, D};
+use rand::{Rng, SeedableRng};
+
+use super::floor::{self, median};
+use crate::cli::BenchArgs;
+use crate::engine::loader::LoadedModel;
+use crate::engine::lora_slots::SlotBank;
+use crate::engine::model::{LogitsAt, PackedBatch};
+use crate::engine::paged_kv::{BlockTable, PagedKvCache};
+
+/// Positions per KV block (the server's default).
+const BLOCK: usize = 16;
+/// Packed tokens per prefill forward when filling a batch.
+const PREFILL_CHUNK: usize = 16_384;
+
+/// One (batch size, distinct adapters) decode point.
+#[derive(Debug, Clone)]
+pub struct DecodePoint {
+    pub batch: usize,
+    pub adapters: usize,
+    /// Mean context per sequence over the timed steps.
+    pub context: usize,
+    /// Median step time, ms (forward + greedy pick of every row + its copy to the host).
+    pub step_ms: f64,
+    /// Bytes the step must read: weights + KV + adapters.
+    pub floor_bytes: f64,
+}
+
+/// One prefill point (batch 1, base only).
+#[derive(Debug, Clone)]
+pub struct PrefillPoint {
+    pub len: usize,
+    pub ms: f64,
+    pub flop: f64,
+}
+
+/// Prefills `batch` random prompts, then times decode steps with each count of distinct
+/// adapters in `args.adapters` (rows round-robin over slots `0..n`).
+pub fn decode_points(m: &LoadedModel, bank: &SlotBank, batch: usize, args: &BenchArgs) -> anyhow::Result<Vec<DecodePoint>> {
+    let (model, cfg) = (&m.model, m.model.config());
+    let steps_per_point = 2 + args.repeats * args.decode_steps;
+    let max_len = args.prompt_len + args.adapters.len() * steps_per_point + 1;
+    let mut kv = PagedKvCache::new(cfg, batch * max_len.div_ceil(BLOCK), BLOCK, model.dtype(), model.device())?;
+    let mut tables: Vec<BlockTable> = (0..batch).map(|_| BlockTable::default()).collect();
+    for t in &mut tables {
+        anyhow::ensure!(kv.reserve(t, max_len), "KV pool too small for the benchmark");
+    }
+    let vocab = cfg.vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(batch as u64);
+    let per_chunk = (PREFILL_CHUNK / args.prompt_len.max(1)).max(1);
+    for group in tables.chunks_mut(per_chunk) {
+        let mut b = PackedBatch::default();
+        for _ in 0..group.len() {
+            let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.gen_range(0..vocab)).collect();
+            b.push(&prompt, 0);
+        }
+        model.forward(&b, &mut kv.batch(group.iter_mut().collect()), LogitsAt::Last)?;
+    }
+    let mut out = Vec::new();
+    for &n in &args.adapters {
+        let slot = |i: usize| (n > 0).then_some(i % n.max(1));
+        let mut step = |tables: &mut [BlockTable]| -> anyhow::Result<()> {
+            let mut b = PackedBatch::default();
+            for (i, t) in tables.iter().enumerate() {
+                b.push_with_slot(&[(t.len() as u32 + i as u32) % vocab], t.len(), slot(i));
+            }
+            let logits = model.forward_lora(&b, &mut kv.batch(tables.iter_mut().collect()), Some(bank), LogitsAt::Last)?;
+            greedy_ids(&logits)?;
+            Ok(())
+        };
+        step(&mut tables)?;
+        step(&mut tables)?;
+        let ctx_start: usize = tables.iter().map(|t| t.len()).sum();
+        let mut samples = Vec::with_capacity(args.repeats);
+        for _ in 0..args.repeats.max(1) {
+            model.device().synchronize()?;
+            let t = Instant::now();
+            for _ in 0..args.decode_steps.max(1) {
+                step(&mut tables)?;
+            }
+            model.device().synchronize()?;
+            samples.push(t.elapsed().as_secs_f64() * 1e3 / args.decode_steps.max(1) as f64);
+        }
+        let ctx_end: usize = tables.iter().map(|t| t.len()).sum();
+        let mean_total_ctx = (ctx_start + ctx_end) / 2;
+        let floor_bytes = floor::weight_bytes_read(model)
+            + floor::kv_bytes_read(cfg, mean_total_ctx, model.dtype())
+            + floor::adapter_bytes_read(cfg, n.min(batch), args.lora_rank, model.dtype());
+        out.push(DecodePoint {
+            batch,
+            adapters: n,
+            context: mean_total_ctx / batch.max(1),
+            step_ms: median(&mut samples),
+            floor_bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// The greedy token of every row, picked on the device; only the ids come back.
+pub fn greedy_ids(logits: &Tensor) -> anyhow::Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
+/// Times the prefill of one random prompt of `len` tokens (median of `repeats`).
+pub fn prefill_point(m: &LoadedModel, len: usize, repeats: usize) -> anyhow::Result<PrefillPoint> {
+    let (model, cfg) = (&m.model, m.model.config());
+    let mut kv = PagedKvCache::new(cfg, len.div_ceil(BLOCK), BLOCK, model.dtype(), model.device())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(len as u64);
+    let prompt: Vec<u32> = (0..len).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect();
+    let mut b = PackedBatch::default();
+    b.push(&prompt, 0);
+    let mut once = || -> anyhow::Result<()> {
+        let mut table = BlockTable::default();
+        anyhow::ensure!(kv.reserve(&mut table, len), "KV pool too small for the prefill point");
+        let logits = model.forward(&b, &mut kv.batch(vec![&mut table]), LogitsAt::Last)?;
+        greedy_ids(&logits)?;
+        kv.release(&mut table);
+        Ok(())
+    };
+    let s = floor::median_seconds(model.device(), 1, repeats.max(1), &mut once)?;
+    Ok(PrefillPoint { len, ms: s * 1e3, flop: floor::prefill_flop(model, len) })
+}

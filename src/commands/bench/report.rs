@@ -1,0 +1,90 @@
+//! `lab bench` output: a markdown table (what BENCHMARKS.md pastes) or JSON lines.
+
+use serde_json::json;
+
+use super::BenchRun;
+use crate::cli::BenchArgs;
+use crate::engine::loader::LoadedModel;
+
+const GB: f64 = 1e9;
+
+fn floor_ms(run: &BenchRun, bytes: f64) -> Option<f64> {
+    run.ceilings.map(|c| bytes / c.copy_bytes_per_s * 1e3)
+}
+
+pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
+    let tag = if run.synthetic { " [synthetic weights: seeded random, for speed only]" } else { "" };
+    println!(
+        "model {}{tag}, {:?}, device {} ({}), load {:.1} s, adapters rank {} on all 7 projections",
+        run.model, run.dtype, run.device, run.device_name, run.load_s, args.lora_rank
+    );
+    println!("weights read per decode step: {:.2} GB ({} parameters)", run.weight_bytes / GB, m.model.num_parameters());
+    if let Some(c) = run.ceilings {
+        let mm = c.matmul_flop_per_s.map(|f| format!(", {:?} matmul 8192^3 {:.0} TFLOP/s", run.dtype, f / 1e12)).unwrap_or_default();
+        println!("measured here: copy {:.0} GB/s (read + write){mm}", c.copy_bytes_per_s / GB);
+    }
+    println!();
+    println!("| batch | adapters | context | decode step ms | floor ms | x floor | decode tok/s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for p in &run.decode {
+        let (f, x) = match floor_ms(run, p.floor_bytes) {
+            Some(f) => (format!("{f:.2}"), format!("{:.2}", p.step_ms / f)),
+            None => ("-".into(), "-".into()),
+        };
+        let tps = p.batch as f64 / (p.step_ms / 1e3);
+        println!("| {} | {} | {} | {:.2} | {f} | {x} | {tps:.0} |", p.batch, p.adapters, p.context, p.step_ms);
+    }
+    if !run.prefill.is_empty() {
+        println!();
+        println!("| prefill tokens | ms | tokens/s | matmul floor ms | x floor |");
+        println!("|---:|---:|---:|---:|---:|");
+        for p in &run.prefill {
+            let tps = p.len as f64 / (p.ms / 1e3);
+            let (f, x) = match run.ceilings.and_then(|c| c.matmul_flop_per_s) {
+                Some(rate) => (format!("{:.2}", p.flop / rate * 1e3), format!("{:.2}", p.ms / (p.flop / rate * 1e3))),
+                None => ("-".into(), "-".into()),
+            };
+            println!("| {} | {:.1} | {tps:.0} | {f} | {x} |", p.len, p.ms);
+        }
+    }
+    println!();
+    println!(
+        "adapter load (rank {}, all 7 projections, PEFT safetensors on disk -> usable slot, median of 5): {:.1} ms",
+        args.lora_rank, run.adapter_load_ms
+    );
+    if let Some(b) = run.device_mem_used {
+        println!("device memory in use at the end (caching pool high-water mark): {:.1} GB", b as f64 / GB);
+    }
+}
+
+pub fn print_json(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
+    let common = json!({"model": run.model, "synthetic": run.synthetic, "device": run.device,
+        "device_name": run.device_name, "dtype": format!("{:?}", run.dtype), "lora_rank": args.lora_rank});
+    for p in &run.decode {
+        let f = floor_ms(run, p.floor_bytes);
+        println!(
+            "{}",
+            json!({"what": "decode", "run": common, "batch": p.batch, "adapters": p.adapters, "context": p.context,
+                   "step_ms": p.step_ms, "floor_ms": f, "floor_ratio": f.map(|f| p.step_ms / f),
+                   "floor_GB": p.floor_bytes / GB, "tokens_per_s": p.batch as f64 / (p.step_ms / 1e3)})
+        );
+    }
+    for p in &run.prefill {
+        let rate = run.ceilings.and_then(|c| c.matmul_flop_per_s);
+        println!(
+            "{}",
+            json!({"what": "prefill", "run": common, "tokens": p.len, "ms": p.ms,
+                   "tokens_per_s": p.len as f64 / (p.ms / 1e3), "flop": p.flop,
+                   "matmul_floor_ms": rate.map(|r| p.flop / r * 1e3)})
+        );
+    }
+    println!(
+        "{}",
+        json!({"what": "summary", "run": common, "load_s": run.load_s, "parameters": m.model.num_parameters(),
+               "weight_GB_read_per_step": run.weight_bytes / GB,
+               "copy_GBps": run.ceilings.map(|c| c.copy_bytes_per_s / GB),
+               "matmul_TFLOPs": run.ceilings.and_then(|c| c.matmul_flop_per_s).map(|f| f / 1e12),
+               "adapter_load_ms": run.adapter_load_ms,
+               "device_mem_used_GB": run.device_mem_used.map(|b| b as f64 / GB)})
+    );
+}

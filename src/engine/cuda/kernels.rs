@@ -1,0 +1,151 @@
+//! Launches of `kernels/*.cu` (PTX built by `build.rs`), one function per kernel, each the
+//! CUDA half of an op whose CPU half (the reference) lives beside the op's definition.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, DType, Layout, Shape};
+use half::{bf16, f16};
+
+use crate::engine::attention::paged_ops::{contiguous, DecodeMeta};
+
+/// PTX of `kernels/paged_attention.cu`.
+const PAGED_ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
+const PAGED_ATTENTION_MODULE: &str = "lab_paged_attention";
+
+/// Warps per block of `paged_decode_attention` (`WARPS` in the kernel).
+const DECODE_WARPS: u32 = 4;
+
+fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        d => candle_core::bail!("no CUDA kernel for {d:?} (run in bf16, f16 or f32)"),
+    })
+}
+
+/// A device view of a contiguous u32 tensor.
+macro_rules! u32_view {
+    ($storage:expr, $layout:expr) => {{
+        let (o, n) = contiguous($layout)?;
+        $storage.as_cuda_slice::<u32>()?.slice(o..o + n)
+    }};
+}
+
+/// `cache[slots[t]] = src[t]` (see `paged_ops::write_kv`).
+pub fn write_kv(
+    cache: &mut CudaStorage,
+    cl: &Layout,
+    src: &CudaStorage,
+    sl: &Layout,
+    slots: &CudaStorage,
+    ol: &Layout,
+) -> candle_core::Result<()> {
+    let (_, kvh, d) = cl.shape().dims3()?;
+    let width = (kvh * d) as u32;
+    let n = ol.shape().elem_count() as u32;
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = src.device().clone();
+    let func = dev.get_or_load_custom_func(
+        &format!("write_kv_{}", suffix(src.dtype())?),
+        PAGED_ATTENTION_MODULE,
+        PAGED_ATTENTION_PTX,
+    )?;
+    let slots = u32_view!(slots, ol);
+    let (c0, cn) = contiguous(cl)?;
+    let (s0, sn) = contiguous(sl)?;
+    let total = n * width;
+    let cfg = LaunchConfig { grid_dim: (total.div_ceil(256).min(65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    macro_rules! launch {
+        ($t:ty) => {{
+            let src = src.as_cuda_slice::<$t>()?.slice(s0..s0 + sn);
+            let mut dst = cache.as_cuda_slice_mut::<$t>()?.slice_mut(c0..c0 + cn);
+            let mut b = func.builder();
+            b.arg(&mut dst).arg(&src).arg(&slots).arg(&n).arg(&width);
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match src.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => candle_core::bail!("write-kv: no kernel for {d:?}"),
+    }
+    Ok(())
+}
+
+/// Paged decode attention (see `paged_ops::paged_decode_attention`): `[M, H, D]` out.
+pub fn paged_decode(
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+    meta: &DecodeMeta,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (_, h, d) = ql.shape().dims3()?;
+    let kvh = kl.shape().dims3()?.1;
+    let m = meta.rows.dim(0)?;
+    if d > 256 || h % kvh != 0 || h / kvh > 8 {
+        candle_core::bail!("paged decode kernel: head_dim {d} (max 256), {h} heads over {kvh} kv heads (max 8 per group)");
+    }
+    let npl = match d.div_ceil(32) {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    };
+    let dev = q.device().clone();
+    let func = dev.get_or_load_custom_func(
+        &format!("paged_decode_attention_{}_npl{npl}", suffix(q.dtype())?),
+        PAGED_ATTENTION_MODULE,
+        PAGED_ATTENTION_PTX,
+    )?;
+    let rep = (h / kvh) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (m as u32, kvh as u32, 1),
+        block_dim: (32 * DECODE_WARPS, 1, 1),
+        shared_mem_bytes: DECODE_WARPS * rep * (d as u32 + 2) * 4,
+    };
+    let (rows_s, rows_l) = meta.rows.storage_and_layout();
+    let (tab_s, tab_l) = meta.tables.storage_and_layout();
+    let (ctx_s, ctx_l) = meta.ctx.storage_and_layout();
+    let (candle_core::Storage::Cuda(rows_s), candle_core::Storage::Cuda(tab_s), candle_core::Storage::Cuda(ctx_s)) =
+        (&*rows_s, &*tab_s, &*ctx_s)
+    else {
+        candle_core::bail!("paged decode metadata must be on the CUDA device");
+    };
+    let rows = u32_view!(rows_s, rows_l);
+    let tables = u32_view!(tab_s, tab_l);
+    let ctx = u32_view!(ctx_s, ctx_l);
+    let (max_blocks, bs) = (meta.max_blocks as u32, meta.block_size as u32);
+    let (hu, kvhu, du) = (h as u32, kvh as u32, d as u32);
+    let scale = 1.0f32 / (d as f32).sqrt();
+    let (q0, qn) = contiguous(ql)?;
+    let (k0, kn) = contiguous(kl)?;
+    let (v0, vn) = contiguous(vl)?;
+    macro_rules! launch {
+        ($t:ty) => {{
+            let out = unsafe { dev.alloc::<$t>(m * h * d)? };
+            let qs = q.as_cuda_slice::<$t>()?.slice(q0..q0 + qn);
+            let ks = k.as_cuda_slice::<$t>()?.slice(k0..k0 + kn);
+            let vs = v.as_cuda_slice::<$t>()?.slice(v0..v0 + vn);
+            let mut b = func.builder();
+            b.arg(&out).arg(&qs).arg(&ks).arg(&vs).arg(&rows).arg(&tables).arg(&ctx);
+            b.arg(&max_blocks).arg(&bs).arg(&hu).arg(&kvhu).arg(&du).arg(&scale);
+            unsafe { b.launch(cfg) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match q.dtype() {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        DType::F16 => launch!(f16),
+        d => candle_core::bail!("paged decode: no kernel for {d:?}"),
+    };
+    Ok((out, Shape::from((m, h, d))))
+}
