@@ -251,6 +251,9 @@ pub struct BenchArgs {
     /// Print JSON lines (one per point, then a summary) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the JSON lines to this file (the table still goes to stdout).
+    #[arg(long)]
+    pub json_out: Option<std::path::PathBuf>,
 }
 
 /// `lab selftest`.

@@ -24,6 +24,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod source;
 pub mod tokenizer;
+pub mod warmup;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -86,10 +86,17 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         registry.register(name, path);
         catalog.insert(name, path);
     }
+    let mut kv = PagedKvCache::new(&cfg, s.kv_blocks, s.block_size, dtype, &device)?;
+    // Before the port opens (so /health never reports a server that would stall its first
+    // request on kernel compilation).
+    if device.is_cuda() {
+        let took = crate::engine::warmup::warm_up(&loaded.model, &mut kv)?;
+        eprintln!("lab serve: warmed up in {:.1} s (kernel JIT, cuBLAS)", took.as_secs_f64());
+    }
     let engine = batcher::Engine {
         model: loaded.model,
         tokenizer: tokenizer.clone(),
-        kv: PagedKvCache::new(&cfg, s.kv_blocks, s.block_size, dtype, &device)?,
+        kv,
         registry,
         scheduler: Scheduler::new(s.scheduler),
         metrics: metrics.clone(),

@@ -74,10 +74,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         adapter_load_ms,
         device_mem_used: device_mem_used(&device),
     };
+    let lines = report::json_lines(&run, &loaded, args);
     if args.json {
-        report::print_json(&run, &loaded, args);
+        lines.iter().for_each(|l| println!("{l}"));
     } else {
         report::print_table(&run, &loaded, args);
+    }
+    if let Some(path) = &args.json_out {
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, text).map_err(|e| anyhow::anyhow!("--json-out {}: {e}", path.display()))?;
     }
     Ok(())
 }

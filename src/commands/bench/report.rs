@@ -57,34 +57,28 @@ pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
     }
 }
 
-pub fn print_json(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
+/// One JSON object per point, then a summary.
+pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
     let common = json!({"model": run.model, "synthetic": run.synthetic, "device": run.device,
         "device_name": run.device_name, "dtype": format!("{:?}", run.dtype), "lora_rank": args.lora_rank});
     for p in &run.decode {
         let f = floor_ms(run, p.floor_bytes);
-        println!(
-            "{}",
-            json!({"what": "decode", "run": common, "batch": p.batch, "adapters": p.adapters, "context": p.context,
+        lines.push(json!({"what": "decode", "run": common, "batch": p.batch, "adapters": p.adapters, "context": p.context,
                    "step_ms": p.step_ms, "floor_ms": f, "floor_ratio": f.map(|f| p.step_ms / f),
-                   "floor_GB": p.floor_bytes / GB, "tokens_per_s": p.batch as f64 / (p.step_ms / 1e3)})
-        );
+                   "floor_GB": p.floor_bytes / GB, "tokens_per_s": p.batch as f64 / (p.step_ms / 1e3)}));
     }
     for p in &run.prefill {
         let rate = run.ceilings.and_then(|c| c.matmul_flop_per_s);
-        println!(
-            "{}",
-            json!({"what": "prefill", "run": common, "tokens": p.len, "ms": p.ms,
+        lines.push(json!({"what": "prefill", "run": common, "tokens": p.len, "ms": p.ms,
                    "tokens_per_s": p.len as f64 / (p.ms / 1e3), "flop": p.flop,
-                   "matmul_floor_ms": rate.map(|r| p.flop / r * 1e3)})
-        );
+                   "matmul_floor_ms": rate.map(|r| p.flop / r * 1e3)}));
     }
-    println!(
-        "{}",
-        json!({"what": "summary", "run": common, "load_s": run.load_s, "parameters": m.model.num_parameters(),
+    lines.push(json!({"what": "summary", "run": common, "load_s": run.load_s, "parameters": m.model.num_parameters(),
                "weight_GB_read_per_step": run.weight_bytes / GB,
                "copy_GBps": run.ceilings.map(|c| c.copy_bytes_per_s / GB),
                "matmul_TFLOPs": run.ceilings.and_then(|c| c.matmul_flop_per_s).map(|f| f / 1e12),
                "adapter_load_ms": run.adapter_load_ms,
-               "device_mem_used_GB": run.device_mem_used.map(|b| b as f64 / GB)})
-    );
+               "device_mem_used_GB": run.device_mem_used.map(|b| b as f64 / GB)}));
+    lines
 }

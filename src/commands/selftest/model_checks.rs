@@ -52,9 +52,12 @@ fn random_tensors(cfg: &LlamaConfig, seed: u64) -> anyhow::Result<HashMap<String
     Ok(t)
 }
 
-fn build(t: &HashMap<String, Tensor>, cfg: &LlamaConfig, dtype: DType, device: &Device) -> anyhow::Result<Llama> {
+/// The model on `device`; `paged` = attention through the in-place paged path (the device
+/// path under test; on the CPU its ops run their reference forms, so `--device cpu` checks the
+/// plan itself) rather than the per-sequence path (the reference).
+fn build(t: &HashMap<String, Tensor>, cfg: &LlamaConfig, dtype: DType, device: &Device, paged: bool) -> anyhow::Result<Llama> {
     let moved = t.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?))).collect::<anyhow::Result<_>>()?;
-    Ok(Llama::load(VarBuilder::from_tensors(moved, dtype, device), cfg)?)
+    Ok(Llama::load(VarBuilder::from_tensors(moved, dtype, device), cfg)?.with_paged_kernels(paged))
 }
 
 /// A paged pool and one table per sequence, reserved for `len` positions.
@@ -72,7 +75,7 @@ pub fn logits(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Ou
     let mut out = Vec::new();
     for (label, cfg) in configs() {
         let t = random_tensors(&cfg, seed)?;
-        let (cpu, dev) = (build(&t, &cfg, DType::F32, &Device::Cpu)?, build(&t, &cfg, dtype, device)?);
+        let (cpu, dev) = (build(&t, &cfg, DType::F32, &Device::Cpu, false)?, build(&t, &cfg, dtype, device, true)?);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let prompt: Vec<u32> = (0..37).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect();
         let (mut kv_c, mut tab_c) = pool(&cpu, 1, 64)?;
@@ -109,7 +112,7 @@ struct Case {
 pub fn batch_invariance(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Outcome>> {
     let mut out = Vec::new();
     for (label, cfg) in configs() {
-        let model = build(&random_tensors(&cfg, seed ^ 1)?, &cfg, dtype, device)?;
+        let model = build(&random_tensors(&cfg, seed ^ 1)?, &cfg, dtype, device, true)?;
         let mut bank = SlotBank::new(&cfg, 2, 8, dtype, device)?;
         for s in 0..2 {
             bank.write(s, &LoraAdapter::random(&cfg, 4 + 4 * s, seed + s as u64, dtype, device)?)?;
@@ -182,7 +185,7 @@ struct TinyExpected {
 pub fn peft_parity(device: &Device, dtype: DType, fixtures: &Path) -> anyhow::Result<Vec<Outcome>> {
     let files = local_dir_files(&fixtures.join("tiny-llama"), "tiny-llama")?;
     let (cfg, vb) = weights::open(&files, dtype, device)?;
-    let model = Llama::load(vb, &cfg)?;
+    let model = Llama::load(vb, &cfg)?.with_paged_kernels(true);
     let text = std::fs::read_to_string(fixtures.join("peft-tiny/expected.json"))?;
     let exp: TinyExpected = serde_json::from_str(&text)?;
     let load = |name: &str| LoraAdapter::load(&fixtures.join(format!("peft-tiny/{name}")), &cfg, 16, dtype, device);

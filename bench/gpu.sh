@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One run on the H200 GPU machine: lab selftest, lab bench against the floor, the peers
+# (transformers + PEFT, eager and compiled), and smoke runs of generate and serve. Every result
+# lands in $OUT (the device tool brings that folder back).
+#
+# Prepared here (bench/gpu-prepare.sh): scratch/gpu/lab.xz (the --features cuda build) and
+# scratch/gpu/peer_hf*.py (copied from ../shared/bench). Run there with:
+#   bash bench/gpu.sh [quick|full|peer]        (carry: scratch/gpu)
+# quick = selftest + a short bench + smoke; full = the whole bench grid; peer = the peers only.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-full}
+OUT=${OUT:-bench/out/gpu}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib | head -1)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONUNBUFFERED=1
+LAB=/tmp/lab-gpu/lab
+mkdir -p /tmp/lab-gpu
+[[ -x $LAB ]] || xz -dc -T0 scratch/gpu/lab.xz > $LAB && chmod +x $LAB
+# No default model on this machine: synthetic models must start without one.
+export LAB_HOME=/tmp/lab-gpu/home
+MODEL=synthetic:llama-3.1-8b
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/log.txt"; }
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; git log -1 --oneline 2>/dev/null; } > "$OUT/machine.txt"
+
+run_bench() { # $1 = name, rest = extra flags
+  local name=$1; shift
+  log "lab bench $name"
+  $LAB bench --device cuda --model $MODEL --floor --json-out "$OUT/bench-$name.jsonl" "$@" \
+    > "$OUT/bench-$name.md" 2> "$OUT/bench-$name.err"
+  echo "rc=$?" >> "$OUT/bench-$name.err"
+  cat "$OUT/bench-$name.md"
+}
+
+if [[ $MODE == quick || $MODE == full ]]; then
+  log "lab selftest --device cuda"
+  $LAB selftest --device cuda 2>&1 | tee "$OUT/selftest.txt"
+  echo "rc=${PIPESTATUS[0]}" >> "$OUT/selftest.txt"
+fi
+
+if [[ $MODE == quick ]]; then
+  run_bench quick --batch 1,32 --adapters 0,8 --prompt-len 256 --decode-steps 8 --repeats 3 --prefill-len 1024
+  log "lab generate --device cuda (smoke)"
+  $LAB generate --device cuda --model $MODEL --prompt "Hello from the H200" --max-tokens 16 2>&1 | tail -5 | tee "$OUT/generate.txt"
+fi
+
+if [[ $MODE == full ]]; then
+  run_bench full --batch 1,8,32,64,128 --adapters 0,1,8,32 --prompt-len 256 --decode-steps 16 --repeats 3 \
+    --prefill-len 256,1024,4096
+fi
+
+if [[ $MODE == quick || $MODE == full ]]; then
+  log "lab serve --device cuda (smoke)"
+  $LAB serve --device cuda --model $MODEL --kv-cache-memory 8GiB --port 18080 > "$OUT/serve.txt" 2>&1 &
+  SERVE=$!
+  for _ in $(seq 1 240); do grep -q "listening on" "$OUT/serve.txt" && break; sleep 1; done
+  curl -s -m 60 http://127.0.0.1:18080/v1/completions -H 'content-type: application/json' \
+    -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16}" | tee -a "$OUT/serve.txt"
+  echo >> "$OUT/serve.txt"
+  curl -s -m 30 http://127.0.0.1:18080/v1/chat/completions -H 'content-type: application/json' \
+    -d "{\"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 8, \"stream\": true}" \
+    | tail -3 | tee -a "$OUT/serve.txt"
+  kill -TERM $SERVE; wait $SERVE
+fi
+
+if [[ $MODE == peer ]]; then
+  log "peer: transformers + PEFT eager (../shared/bench/peer_hf.py)"
+  python3 scratch/gpu/peer_hf.py 2>&1 | grep -v Warning | tee "$OUT/peer_hf.jsonl"
+  log "peer: transformers compiled, static cache (../shared/bench/peer_hf_compiled.py)"
+  timeout 400 python3 scratch/gpu/peer_hf_compiled.py 2>&1 | grep '^{' | tee "$OUT/peer_hf_compiled.jsonl"
+fi
+log "done"
