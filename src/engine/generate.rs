@@ -7,7 +7,7 @@ use super::kv_cache::{BatchCaches, SeqCache};
 use super::lora::LoraAdapter;
 use super::lora_op::LoraWeights;
 use super::model::{Llama, LogitsAt, PackedBatch};
-use super::sampler::{FinishReason, Sampler, SamplingParams};
+use super::sampler::{DeviceGreedy, FinishReason, Sampler, SamplingParams};
 use super::tokenizer::Tokenizer;
 use super::{EngineError, Result};
 
@@ -57,7 +57,8 @@ pub fn generate(
             prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
             t_decode = Instant::now();
         }
-        let id = sampler.sample(&logits.squeeze(0)?)?;
+        let greedy = DeviceGreedy::new(&logits, sampler.is_greedy())?;
+        let id = sampler.sample_row(&logits, 0, &greedy)?;
         if !params.ignore_eos && tok.eos_ids().contains(&id) {
             finish = FinishReason::Stop;
             break;

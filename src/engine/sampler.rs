@@ -60,12 +60,46 @@ impl Sampler {
         Self { greedy: t <= 0.0, processor: LogitsProcessor::from_sampling(p.seed, sampling) }
     }
 
+    /// True when this sampler takes the argmax (temperature 0).
+    pub fn is_greedy(&self) -> bool {
+        self.greedy
+    }
+
     /// Next token from one row of logits `[vocab]`.
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
         if self.greedy {
             return Ok(argmax(&logits.to_vec1::<f32>()?));
         }
         Ok(self.processor.sample(logits)?)
+    }
+}
+
+/// The greedy token of every row of `logits: [rows, vocab]`, picked on the device in one
+/// launch so only the ids come back (CUDA); on the CPU nothing is precomputed and greedy rows go
+/// through [`Sampler::sample`] (the reference: first index on ties, as `torch.argmax`).
+///
+/// Sampled rows (temperature > 0) still copy their logits row to the host, where the seeded
+/// [`Sampler`] draws them.
+pub struct DeviceGreedy(Option<Vec<u32>>);
+
+impl DeviceGreedy {
+    /// `any_greedy`: whether some row will use it (otherwise nothing is launched).
+    pub fn new(logits: &Tensor, any_greedy: bool) -> Result<Self> {
+        if any_greedy && logits.device().is_cuda() {
+            return Ok(Self(Some(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)));
+        }
+        Ok(Self(None))
+    }
+}
+
+impl Sampler {
+    /// Next token of row `row` of `logits: [rows, vocab]`, using `greedy`'s device pick where
+    /// there is one.
+    pub fn sample_row(&mut self, logits: &Tensor, row: usize, greedy: &DeviceGreedy) -> Result<u32> {
+        match &greedy.0 {
+            Some(ids) if self.greedy => Ok(ids[row]),
+            _ => self.sample(&logits.get(row)?),
+        }
     }
 }
 

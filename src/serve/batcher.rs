@@ -20,7 +20,7 @@ use crate::engine::adapters::AdapterRegistry;
 use crate::engine::detokenizer::Detokenizer;
 use crate::engine::model::{LogitsAt, PackedBatch};
 use crate::engine::paged_kv::{BlockTable, PagedKvCache};
-use crate::engine::sampler::{FinishReason, Sampler};
+use crate::engine::sampler::{DeviceGreedy, FinishReason, Sampler};
 use crate::engine::scheduler::{Scheduler, SeqId, StepPlan};
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::Llama;
@@ -239,10 +239,12 @@ impl EngineState {
             self.tables.insert(s.id, t);
         }
         let logits = logits?;
+        let any_greedy = plan.batch.iter().filter(|s| s.sample).any(|s| self.live[&s.id].sampler.is_greedy());
+        let greedy = DeviceGreedy::new(&logits, any_greedy)?;
         let mut sampled = Vec::with_capacity(sampling);
         for (row, s) in plan.batch.iter().filter(|s| s.sample).enumerate() {
             let live = self.live.get_mut(&s.id).expect("scheduled requests are live");
-            sampled.push((s.id, live.sampler.sample(&logits.get(row)?)?));
+            sampled.push((s.id, live.sampler.sample_row(&logits, row, &greedy)?));
         }
         self.e.scheduler.complete(plan, &sampled);
         let prefill: usize = plan

@@ -42,11 +42,12 @@ fn configs() -> Vec<(&'static str, LlamaConfig)> {
 /// Seeded random weights, wider than the synthetic default so logits are far from flat.
 fn random_tensors(cfg: &LlamaConfig, seed: u64) -> anyhow::Result<HashMap<String, Tensor>> {
     let mut t = weights::synthetic_tensors(cfg, seed, DType::F32, &Device::Cpu)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x40);
     for (name, w) in t.iter_mut() {
         if w.rank() == 2 {
             *w = (w.clone() * 10.0)?;
         } else if name.contains("norm") {
-            *w = Tensor::rand(0.5f32, 1.5, w.shape(), &Device::Cpu)?;
+            *w = (super::randn(&mut rng, w.dims(), 0.25)? + 1.0)?;
         }
     }
     Ok(t)
@@ -75,7 +76,9 @@ pub fn logits(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Ou
     let mut out = Vec::new();
     for (label, cfg) in configs() {
         let t = random_tensors(&cfg, seed)?;
-        let (cpu, dev) = (build(&t, &cfg, DType::F32, &Device::Cpu, false)?, build(&t, &cfg, dtype, device, true)?);
+        // The reference gets the same (dtype-rounded) weights, so only the compute differs.
+        let rounded = t.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_dtype(DType::F32)?))).collect::<anyhow::Result<_>>()?;
+        let (cpu, dev) = (build(&rounded, &cfg, DType::F32, &Device::Cpu, false)?, build(&t, &cfg, dtype, device, true)?);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let prompt: Vec<u32> = (0..37).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect();
         let (mut kv_c, mut tab_c) = pool(&cpu, 1, 64)?;
