@@ -40,14 +40,14 @@ if [[ $MODE == quick || $MODE == full ]]; then
 fi
 
 if [[ $MODE == quick ]]; then
-  run_bench quick --batch 1,32 --adapters 0,8 --prompt-len 256 --decode-steps 8 --repeats 3 --prefill-len 1024
+  run_bench quick --batch 1,32 --adapters 0,8 --prompt-len 256 --decode-steps 8 --repeats 3 --prefill-len 1024 --profile
   log "lab generate --device cuda (smoke)"
   $LAB generate --device cuda --model $MODEL --prompt "Hello from the H200" --max-tokens 16 2>&1 | tail -5 | tee "$OUT/generate.txt"
 fi
 
 if [[ $MODE == full ]]; then
   run_bench full --batch 1,8,32,64,128 --adapters 0,1,8,32 --prompt-len 256 --decode-steps 16 --repeats 3 \
-    --prefill-len 256,1024,4096
+    --prefill-len 256,1024,4096 --profile
 fi
 
 if [[ $MODE == quick || $MODE == full ]]; then

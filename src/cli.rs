@@ -248,6 +248,10 @@ pub struct BenchArgs {
     /// as a ratio to its floor: (weight + KV + adapter bytes read) / bandwidth.
     #[arg(long)]
     pub floor: bool,
+    /// Also break a base decode step down per batch size: host enqueue time, its GEMMs alone,
+    /// its attention launches alone.
+    #[arg(long)]
+    pub profile: bool,
     /// Print JSON lines (one per point, then a summary) instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -307,6 +307,18 @@ fn proj(p: &Proj, x: &Tensor, layer: usize, module: LoraModule, lora: Option<&Lo
 }
 
 impl Llama {
+    /// Every weight a decode step multiplies by: seven projections per layer and the lm_head
+    /// (benchmarks time them alone).
+    pub fn matmul_weights(&self) -> Vec<&Tensor> {
+        let mut out = Vec::with_capacity(7 * self.layers.len() + 1);
+        for b in &self.layers {
+            let (a, m) = (&b.self_attn, &b.mlp);
+            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(|p| p.weight()));
+        }
+        out.push(self.lm_head.weight());
+        out
+    }
+
     /// Parameters of the built model (tied embeddings counted once).
     pub fn num_parameters(&self) -> u64 {
         let mut n = self.embed_tokens.elem_count() + self.cfg.hidden_size; // + final norm

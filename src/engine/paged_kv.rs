@@ -103,6 +103,12 @@ impl PagedKvCache {
         PagedBatch { cache: self, tables }
     }
 
+    /// The pool and these tables as device kernels see them.
+    pub fn view<'a>(&self, tables: impl IntoIterator<Item = &'a BlockTable>) -> PagedView {
+        let (blocks, past) = tables.into_iter().map(|t| (t.blocks.clone(), t.len)).unzip();
+        PagedView { block_size: self.block_size, k: self.k.clone(), v: self.v.clone(), tables: blocks, past }
+    }
+
     fn row(&self, table: &BlockTable, pos: usize) -> usize {
         table.blocks[pos / self.block_size] as usize * self.block_size + pos % self.block_size
     }
@@ -143,14 +149,7 @@ impl KvStore for PagedBatch<'_> {
     }
 
     fn paged_view(&self) -> Option<PagedView> {
-        let c = &*self.cache;
-        Some(PagedView {
-            block_size: c.block_size,
-            k: c.k.clone(),
-            v: c.v.clone(),
-            tables: self.tables.iter().map(|t| t.blocks.clone()).collect(),
-            past: self.tables.iter().map(|t| t.len).collect(),
-        })
+        Some(self.cache.view(self.tables.iter().map(|t| &**t)))
     }
 
     fn commit(&mut self, new_lens: &[usize]) {

@@ -7,6 +7,7 @@
 
 mod floor;
 mod points;
+mod profile;
 mod report;
 
 use std::time::Instant;
@@ -34,6 +35,7 @@ pub struct BenchRun {
     pub decode: Vec<DecodePoint>,
     pub prefill: Vec<PrefillPoint>,
     pub adapter_load_ms: f64,
+    pub profile: Vec<profile::StepProfile>,
     /// Device memory in use at the end (the caching pool keeps its high-water mark), bytes.
     pub device_mem_used: Option<usize>,
 }
@@ -60,6 +62,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .map(|&l| points::prefill_point(&loaded, l, args.repeats))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let adapter_load_ms = adapter_load_ms(&loaded, args.lora_rank, dtype, &device)?;
+    let profile = if args.profile {
+        args.batch.iter().map(|&b| profile::profile_step(&loaded, b, args.prompt_len, args.repeats.max(3))).collect::<anyhow::Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let run = BenchRun {
         model: loaded.name.clone(),
         synthetic: loaded.synthetic,
@@ -72,6 +79,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         decode,
         prefill,
         adapter_load_ms,
+        profile,
         device_mem_used: device_mem_used(&device),
     };
     let lines = report::json_lines(&run, &loaded, args);

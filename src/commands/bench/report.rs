@@ -47,6 +47,19 @@ pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
             println!("| {} | {:.1} | {tps:.0} | {f} | {x} |", p.len, p.ms);
         }
     }
+    if !run.profile.is_empty() {
+        println!();
+        println!("where a base decode step goes (isolated re-runs; rest = other ops and launch gaps):");
+        println!("| batch | context | step ms | host enqueue ms | GEMMs alone ms | attention alone ms | rest ms |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        for p in &run.profile {
+            let rest = p.step_ms - p.gemm_ms - p.attention_ms;
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {rest:.2} |",
+                p.batch, p.context, p.step_ms, p.enqueue_ms, p.gemm_ms, p.attention_ms
+            );
+        }
+    }
     println!();
     println!(
         "adapter load (rank {}, all 7 projections, PEFT safetensors on disk -> usable slot, median of 5): {:.1} ms",
@@ -73,6 +86,10 @@ pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serd
         lines.push(json!({"what": "prefill", "run": common, "tokens": p.len, "ms": p.ms,
                    "tokens_per_s": p.len as f64 / (p.ms / 1e3), "flop": p.flop,
                    "matmul_floor_ms": rate.map(|r| p.flop / r * 1e3)}));
+    }
+    for p in &run.profile {
+        lines.push(json!({"what": "profile", "run": common, "batch": p.batch, "context": p.context, "step_ms": p.step_ms,
+                          "enqueue_ms": p.enqueue_ms, "gemm_ms": p.gemm_ms, "attention_ms": p.attention_ms}));
     }
     lines.push(json!({"what": "summary", "run": common, "load_s": run.load_s, "parameters": m.model.num_parameters(),
                "weight_GB_read_per_step": run.weight_bytes / GB,

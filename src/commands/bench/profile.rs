@@ -1,0 +1,123 @@
+//! Where a decode step's time goes (`lab bench --profile`), by difference and isolation rather
+//! than hardware counters: the host time to enqueue a step (launch-bound when it is as long as
+//! the step), the step's GEMMs alone at the same batch, and its attention launches alone.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::floor::{median, median_seconds};
+use super::points::greedy_ids;
+use crate::engine::attention::paged_ops::{paged_decode_attention, DecodeMeta};
+use crate::engine::loader::LoadedModel;
+use crate::engine::model::{LogitsAt, PackedBatch};
+use crate::engine::paged_kv::{BlockTable, PagedKvCache};
+
+/// The parts of one base decode step at `batch`.
+#[derive(Debug, Clone)]
+pub struct StepProfile {
+    pub batch: usize,
+    pub context: usize,
+    /// Step wall time, synchronised (ms).
+    pub step_ms: f64,
+    /// Host time until the forward returned, before waiting for the device (ms).
+    pub enqueue_ms: f64,
+    /// Every projection and the lm_head as bare matmuls at this batch (ms).
+    pub gemm_ms: f64,
+    /// Every layer's paged decode attention alone (ms).
+    pub attention_ms: f64,
+}
+
+/// Profiles a base decode step of `batch` sequences at `context` positions each.
+pub fn profile_step(m: &LoadedModel, batch: usize, context: usize, repeats: usize) -> anyhow::Result<StepProfile> {
+    let (model, cfg) = (&m.model, m.model.config());
+    let device = model.device();
+    let block = 16;
+    let len = context + 4 * repeats + 8;
+    let mut kv = PagedKvCache::new(cfg, batch * len.div_ceil(block), block, model.dtype(), device)?;
+    let mut tables: Vec<BlockTable> = (0..batch).map(|_| BlockTable::default()).collect();
+    for t in &mut tables {
+        anyhow::ensure!(kv.reserve(t, len), "KV pool too small for the profile");
+    }
+    let vocab = cfg.vocab_size as u32;
+    let mut prefill = PackedBatch::default();
+    for i in 0..batch {
+        let prompt: Vec<u32> = (0..context as u32).map(|p| (p * 31 + i as u32 * 7) % vocab).collect();
+        prefill.push(&prompt, 0);
+    }
+    model.forward(&prefill, &mut kv.batch(tables.iter_mut().collect()), LogitsAt::Last)?;
+    let (mut steps, mut enqueues) = (Vec::new(), Vec::new());
+    for r in 0..repeats + 2 {
+        let mut b = PackedBatch::default();
+        for (i, t) in tables.iter().enumerate() {
+            b.push(&[(i as u32 + 1) % vocab], t.len());
+        }
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let logits = model.forward(&b, &mut kv.batch(tables.iter_mut().collect()), LogitsAt::Last)?;
+        let enqueue = t0.elapsed().as_secs_f64();
+        greedy_ids(&logits)?;
+        let step = t0.elapsed().as_secs_f64();
+        if r >= 2 {
+            steps.push(step * 1e3);
+            enqueues.push(enqueue * 1e3);
+        }
+    }
+    let gemm_ms = gemm_alone(m, batch, repeats)? * 1e3;
+    let attention_ms = attention_alone(m, &kv, &tables, repeats)? * 1e3;
+    Ok(StepProfile {
+        batch,
+        context,
+        step_ms: median(&mut steps),
+        enqueue_ms: median(&mut enqueues),
+        gemm_ms,
+        attention_ms,
+    })
+}
+
+/// Seconds for `x W^T` over every projection weight and the lm_head, `x: [batch, in]`.
+fn gemm_alone(m: &LoadedModel, batch: usize, repeats: usize) -> anyhow::Result<f64> {
+    let weights = m.model.matmul_weights();
+    let device = m.model.device();
+    let mut inputs: Vec<(usize, Tensor)> = Vec::new();
+    for w in &weights {
+        let k = w.dim(1)?;
+        if !inputs.iter().any(|(d, _)| *d == k) {
+            inputs.push((k, Tensor::randn(0f32, 1f32, (batch, k), device)?.to_dtype(m.model.dtype())?));
+        }
+    }
+    median_seconds(device, 1, repeats.max(1), || {
+        for w in &weights {
+            let x = &inputs.iter().find(|(d, _)| *d == w.dim(1).unwrap_or(0)).expect("an input per width").1;
+            drop(x.matmul(&w.t()?)?);
+        }
+        Ok(())
+    })
+}
+
+/// Seconds for one paged decode attention per layer over the step's tables.
+fn attention_alone(m: &LoadedModel, kv: &PagedKvCache, tables: &[BlockTable], repeats: usize) -> anyhow::Result<f64> {
+    let cfg = m.model.config();
+    let device: &Device = m.model.device();
+    let view = kv.view(tables.iter());
+    let batch = tables.len();
+    let q = Tensor::randn(0f32, 1f32, (batch, cfg.num_attention_heads, cfg.head_dim), device)?.to_dtype(m.model.dtype())?;
+    let max_blocks = view.tables.iter().map(|t| t.len()).max().unwrap_or(1);
+    let mut flat = vec![0u32; batch * max_blocks];
+    for (i, t) in view.tables.iter().enumerate() {
+        flat[i * max_blocks..i * max_blocks + t.len()].copy_from_slice(t);
+    }
+    let meta = DecodeMeta {
+        rows: Tensor::from_vec((0..batch as u32).collect::<Vec<_>>(), batch, device)?,
+        tables: Tensor::from_vec(flat, (batch, max_blocks), device)?,
+        ctx: Tensor::from_vec(view.past.iter().map(|&p| p as u32).collect::<Vec<_>>(), batch, device)?,
+        max_blocks,
+        block_size: view.block_size,
+    };
+    median_seconds(device, 1, repeats.max(1), || {
+        for l in 0..cfg.num_hidden_layers {
+            drop(paged_decode_attention(&q, &view.k[l], &view.v[l], &meta)?);
+        }
+        Ok(())
+    })
+}
