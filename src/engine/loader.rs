@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 
 use super::gguf::GgufFile;
 use super::model::Llama;
-use super::source::{resolve, ModelFiles, ModelSource};
+use super::source::{resolve, ModelFiles, ModelSource, DEFAULT_MODEL_NAME};
 use super::tokenizer::Tokenizer;
 use super::Result;
 
@@ -18,26 +18,54 @@ pub struct LoadedModel {
     pub synthetic: bool,
     pub model: Llama,
     pub tokenizer: Tokenizer,
+    /// Where the tokenizer came from, for the start-up line (a synthetic model without a
+    /// cached default model runs on the built-in byte-level tokenizer, and should say so).
+    pub tokenizer_label: String,
     pub files: ModelFiles,
 }
+
+/// [`LoadedModel::tokenizer_label`] of a synthetic model on the built-in byte-level tokenizer.
+pub const BYTE_LEVEL_LABEL: &str = "built-in byte-level (no default model cached)";
 
 /// Resolves `source` (fetching if needed) and loads weights in `dtype` on `device`.
 pub fn load_model(source: &ModelSource, home: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let files = resolve(source, home)?;
     let (cfg, vb) = super::weights::open(&files, dtype, device)?;
     let model = Llama::load(vb, &cfg)?;
-    let tokenizer = match &files {
-        ModelFiles::Safetensors { tokenizer, tokenizer_config, .. } => {
-            Tokenizer::from_hf_files(tokenizer, tokenizer_config.as_deref(), &cfg.eos_token_ids)?
+    let (tokenizer, tokenizer_label) = match &files {
+        ModelFiles::Safetensors { tokenizer, tokenizer_config, .. } => (
+            Tokenizer::from_hf_files(tokenizer, tokenizer_config.as_deref(), &cfg.eos_token_ids)?,
+            "tokenizer.json".to_string(),
+        ),
+        ModelFiles::Gguf { path, .. } => (Tokenizer::from_gguf(&GgufFile::open(path)?)?, "GGUF metadata".to_string()),
+        ModelFiles::Synthetic { tokenizer_from: Some(path), .. } => {
+            (Tokenizer::from_gguf(&GgufFile::open(path)?)?, format!("default model's ({DEFAULT_MODEL_NAME})"))
         }
-        ModelFiles::Gguf { path, .. } => Tokenizer::from_gguf(&GgufFile::open(path)?)?,
-        ModelFiles::Synthetic { tokenizer_from, .. } => Tokenizer::from_gguf(&GgufFile::open(tokenizer_from)?)?,
+        ModelFiles::Synthetic { tokenizer_from: None, .. } => (Tokenizer::byte_level()?, BYTE_LEVEL_LABEL.to_string()),
     };
     Ok(LoadedModel {
         name: files.name(),
         synthetic: matches!(files, ModelFiles::Synthetic { .. }),
         model,
         tokenizer,
+        tokenizer_label,
         files,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_without_a_cached_default_loads_the_byte_level_tokenizer() {
+        let home = super::super::source::tests::empty_home("loader-home");
+        let m = load_model(&ModelSource::Synthetic("tiny".into()), &home, DType::F32, &Device::Cpu).unwrap();
+        assert!(m.synthetic);
+        assert_eq!(m.tokenizer_label, BYTE_LEVEL_LABEL);
+        assert_eq!(m.tokenizer.vocab_size(), 259);
+        assert_eq!(m.tokenizer.eos_ids(), &[256, 258]);
+        assert!(!home.join("models").exists(), "nothing was fetched");
+        std::fs::remove_dir_all(&home).unwrap();
+    }
 }

@@ -91,8 +91,10 @@ pub enum ModelFiles {
     },
     /// One GGUF file (tokenizer and chat template in its metadata).
     Gguf { name: String, path: PathBuf },
-    /// Random weights of a preset; the tokenizer comes from `tokenizer_from`.
-    Synthetic { preset: String, tokenizer_from: PathBuf },
+    /// Random weights of a preset. The tokenizer is the default model's GGUF at `tokenizer_from`
+    /// when that file was already cached, else (`None`) the built-in byte-level tokenizer, so a
+    /// machine without network or cache can still run synthetic models.
+    Synthetic { preset: String, tokenizer_from: Option<PathBuf> },
 }
 
 impl ModelFiles {
@@ -123,8 +125,10 @@ pub fn resolve(source: &ModelSource, home: &Path) -> Result<ModelFiles> {
         ModelSource::Gguf(path) => Ok(ModelFiles::Gguf { name: file_stem(path), path: path.clone() }),
         ModelSource::LocalDir(dir) => local_dir_files(dir, &file_stem(dir)),
         ModelSource::Hub { repo, revision } => super::hub::fetch(repo, revision.as_deref()),
+        // Never fetched for a synthetic model: its outputs are meaningless, so any tokenizer will
+        // do, and the default's is only preferred because it is realistic (and tests expect it).
         ModelSource::Synthetic(preset) => {
-            Ok(ModelFiles::Synthetic { preset: preset.clone(), tokenizer_from: ensure_default_model(home)? })
+            Ok(ModelFiles::Synthetic { preset: preset.clone(), tokenizer_from: cached_default_model(home) })
         }
     }
 }
@@ -198,16 +202,30 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 pub fn ensure_default_model(home: &Path) -> Result<PathBuf> {
     // One fetch at a time within a process; across processes the final rename is atomic.
     static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let dest = home.join("models").join(DEFAULT_FILE);
-    let cached = || fs::metadata(&dest).map(|m| m.len() == DEFAULT_SIZE).unwrap_or(false);
-    if cached() {
+    if let Some(dest) = cached_default_model(home) {
         return Ok(dest);
     }
     let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
-    if !cached() {
-        fetch_default_model(home, &dest)?;
+    if let Some(dest) = cached_default_model(home) {
+        return Ok(dest);
     }
+    let dest = default_model_path(home);
+    fetch_default_model(home, &dest)?;
     Ok(dest)
+}
+
+/// Path of the default GGUF if it is already cached in `home`; never fetches.
+///
+/// "Cached" is the size check [`ensure_default_model`] trusts: the file only appears by an
+/// atomic rename after its sha256 matched, so hashing 98 MB again on every start buys nothing.
+pub fn cached_default_model(home: &Path) -> Option<PathBuf> {
+    let dest = default_model_path(home);
+    let ok = fs::metadata(&dest).map(|m| m.len() == DEFAULT_SIZE).unwrap_or(false);
+    ok.then_some(dest)
+}
+
+fn default_model_path(home: &Path) -> PathBuf {
+    home.join("models").join(DEFAULT_FILE)
 }
 
 fn fetch_default_model(home: &Path, dest: &Path) -> Result<()> {
@@ -284,7 +302,7 @@ fn tempdir_in(home: &Path) -> Result<PathBuf> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -300,5 +318,32 @@ mod tests {
         assert!(matches!(ModelSource::parse(Some("./missing-dir")), Err(EngineError::MissingFile(_))));
         let err = ModelSource::parse(Some("Cargo.toml")).unwrap_err();
         assert!(matches!(err, EngineError::UnknownFormat(_)), "{err}");
+    }
+
+    /// A fresh, empty directory under the system temp dir (removed by the caller).
+    pub(crate) fn empty_home(tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let p = std::env::temp_dir().join(format!("lab-{tag}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn synthetic_never_fetches_and_uses_a_cached_default_only() {
+        let home = empty_home("synthetic-home");
+        let source = ModelSource::Synthetic("tiny".into());
+        let files = resolve(&source, &home).unwrap();
+        assert_eq!(files, ModelFiles::Synthetic { preset: "tiny".into(), tokenizer_from: None });
+        assert!(!home.join("models").exists(), "nothing was fetched");
+        // A file that passes the size check counts as cached (set_len makes it sparse, so cheap);
+        // one of any other size does not.
+        let dest = home.join("models").join(DEFAULT_FILE);
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        fs::File::create(&dest).unwrap().set_len(DEFAULT_SIZE - 1).unwrap();
+        assert_eq!(cached_default_model(&home), None);
+        fs::File::create(&dest).unwrap().set_len(DEFAULT_SIZE).unwrap();
+        let files = resolve(&source, &home).unwrap();
+        assert_eq!(files, ModelFiles::Synthetic { preset: "tiny".into(), tokenizer_from: Some(dest) });
+        fs::remove_dir_all(&home).unwrap();
     }
 }

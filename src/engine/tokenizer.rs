@@ -38,6 +38,12 @@ pub struct Tokenizer {
     eos_ids: Vec<u32>,
 }
 
+/// ChatML, as SmolLM2's template writes it (without SmolLM2's default system prompt).
+const CHATML_TEMPLATE: &str = r"{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Special tokens of [`Tokenizer::byte_level`], in id order from 256.
+const BYTE_LEVEL_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
 /// Llama-3's pre-tokenizer regex (`tokenizer.ggml.pre = llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -109,6 +115,36 @@ impl Tokenizer {
             id_token("tokenizer.ggml.bos_token_id"),
             id_token("tokenizer.ggml.eos_token_id"),
             &eos_ids,
+        )
+    }
+
+    /// A model-free tokenizer: one token per byte (ids 0..=255) plus `<|endoftext|>` (256),
+    /// `<|im_start|>` (257) and `<|im_end|>` (258), with a ChatML template; EOS = {256, 258}.
+    ///
+    /// For synthetic models on a machine without the default model: any UTF-8 text round-trips,
+    /// and every id is below the vocabulary of every preset.
+    pub fn byte_level() -> Result<Self> {
+        let tok_err = |e: tokenizers::Error| EngineError::Tokenizer(format!("byte-level tokenizer: {e}"));
+        // Byte b is spelled as GPT-2's printable stand-in for b, which is what the ByteLevel
+        // pre-tokenizer emits; with no merges, BPE then maps each of those chars to its byte id.
+        let vocab: tokenizers::models::bpe::Vocab =
+            gpt2_byte_chars().iter().enumerate().map(|(b, c)| (c.to_string(), b as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))));
+        inner.with_decoder(Some(ByteLevel::default()));
+        inner.add_special_tokens(BYTE_LEVEL_SPECIALS.map(|t| AddedToken::from(t, true))).map_err(tok_err)?;
+        for (i, t) in BYTE_LEVEL_SPECIALS.iter().enumerate() {
+            if inner.token_to_id(t) != Some(256 + i as u32) {
+                return Err(EngineError::Tokenizer(format!("byte-level tokenizer: {t} did not get id {}", 256 + i)));
+            }
+        }
+        Self::assemble(
+            inner,
+            Some(CHATML_TEMPLATE.to_string()),
+            "<|im_start|>".to_string(),
+            "<|im_end|>".to_string(),
+            &[256],
         )
     }
 
@@ -221,6 +257,24 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     })
 }
 
+/// GPT-2's `bytes_to_unicode`: the char that stands for each byte in byte-level BPE vocabularies.
+///
+/// Printable Latin-1 bytes stand for themselves; the other 68 map, in byte order, to U+0100 on.
+fn gpt2_byte_chars() -> [char; 256] {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut out = ['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        out[b as usize] = if printable(b) {
+            char::from(b)
+        } else {
+            next += 1;
+            char::from_u32(next - 1).expect("U+0100..U+0143 are chars")
+        };
+    }
+    out
+}
+
 /// Tokens of GGUF `token_type == kind` (3 = control, 4 = user-defined) as added tokens.
 fn added_tokens(gguf: &GgufFile, tokens: &[String], kind: i64, special: bool) -> Vec<AddedToken> {
     let Some(types) = gguf.meta("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) else {
@@ -233,4 +287,53 @@ fn added_tokens(gguf: &GgufFile, tokens: &[String], kind: i64, special: bool) ->
         .filter_map(|(i, _)| tokens.get(i))
         .map(|t| AddedToken::from(t.clone(), special))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_round_trips_any_text_one_id_per_byte() {
+        let tok = Tokenizer::byte_level().unwrap();
+        assert_eq!(tok.vocab_size(), 259);
+        for text in [
+            "hello world",
+            "  leading and trailing spaces  ",
+            "digits 0123456789 and 3.14159",
+            "line one\nline two\r\n\ttabbed\n\n",
+            "héllo 世界 🚀",
+            "\u{0}\u{7f} control bytes",
+            "",
+        ] {
+            let ids = tok.encode(text).unwrap();
+            let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
+            assert_eq!(ids, bytes, "{text:?}: one id per byte, the byte's value");
+            assert_eq!(tok.decode(&ids, false).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn byte_level_specials_are_single_ids_and_end_generation() {
+        let tok = Tokenizer::byte_level().unwrap();
+        let ids = tok.encode("<|im_start|>user\nhi<|im_end|><|endoftext|>").unwrap();
+        let mut want = vec![257];
+        want.extend("user\nhi".bytes().map(u32::from));
+        want.extend([258, 256]);
+        assert_eq!(ids, want);
+        assert_eq!(tok.eos_ids(), &[256, 258]);
+        assert_eq!(tok.decode(&ids, true).unwrap(), "user\nhi");
+        assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|>user\nhi<|im_end|><|endoftext|>");
+    }
+
+    #[test]
+    fn byte_level_renders_chatml() {
+        let tok = Tokenizer::byte_level().unwrap();
+        let msgs = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi\nthere")];
+        assert_eq!(
+            tok.apply_chat_template(&msgs, true).unwrap(),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi\nthere<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(tok.apply_chat_template(&msgs[1..], false).unwrap(), "<|im_start|>user\nHi\nthere<|im_end|>\n");
+    }
 }
