@@ -61,10 +61,11 @@ fn open_cuda(_ordinal: usize) -> anyhow::Result<Device> {
 pub fn report_loaded(m: &LoadedModel) {
     let tag = if m.synthetic { " [synthetic: seeded random weights, for speed/memory only]" } else { "" };
     eprintln!(
-        "lab: model {} ({} parameters, {:?}){tag}",
+        "lab: model {} ({} parameters, {:?}, tokenizer: {}){tag}",
         m.name,
         group_digits(m.model.num_parameters()),
-        m.model.dtype()
+        m.model.dtype(),
+        m.tokenizer_label
     );
 }
 
