@@ -239,7 +239,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 16)]
     pub lora_rank: usize,
     /// Prompt lengths of the prefill points (batch 1, base only), comma-separated; empty = none.
-    #[arg(long, value_delimiter = ',', default_value = "")]
+    #[arg(long, value_delimiter = ',')]
     pub prefill_len: Vec<usize>,
     /// Timed samples per point; the median is reported.
     #[arg(long, default_value_t = 3)]

@@ -165,7 +165,7 @@ fn in_place_paged_attention_equals_the_per_sequence_path() {
     use lab::engine::lora_op::LoraWeights;
     use lab::engine::paged_kv::{BlockTable, PagedKvCache};
     let reference = random_llama(21);
-    let in_place = random_llama(21).with_paged_kernels(true);
+    let in_place = reference.clone().with_paged_kernels(true);
     let cfg = reference.config().clone();
     let a = crate::util::random_adapter(&cfg, 4, &LoraModule::ALL, false, 5);
     let b = crate::util::random_adapter(&cfg, 2, &[LoraModule::Q, LoraModule::V], true, 6);
