@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 eval "$(bash bench/setup-cuda-toolchain.sh)"
 CARGO_TARGET_DIR=target-cuda cargo build --release --features cuda
 mkdir -p scratch/gpu
+git describe --always --dirty > scratch/gpu/COMMIT
 xz -T0 -6 -c target-cuda/release/lab > scratch/gpu/lab.xz
 if [[ -d ../shared/bench ]]; then cp ../shared/bench/peer_hf.py ../shared/bench/peer_hf_compiled.py scratch/gpu/; fi
 ls -la scratch/gpu

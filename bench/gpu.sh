@@ -22,7 +22,7 @@ export LAB_HOME=/tmp/lab-gpu/home
 MODEL=synthetic:llama-3.1-8b
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/log.txt"; }
 
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; git log -1 --oneline 2>/dev/null; } > "$OUT/machine.txt"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; echo "lab commit: $(cat scratch/gpu/COMMIT 2>/dev/null)"; } > "$OUT/machine.txt"
 
 run_bench() { # $1 = name, rest = extra flags
   local name=$1; shift
@@ -42,7 +42,7 @@ fi
 if [[ $MODE == quick ]]; then
   run_bench quick --batch 1,32 --adapters 0,8 --prompt-len 256 --decode-steps 8 --repeats 3 --prefill-len 1024 --profile
   log "lab generate --device cuda (smoke)"
-  $LAB generate --device cuda --model $MODEL --prompt "Hello from the H200" --max-tokens 16 2>&1 | tail -5 | tee "$OUT/generate.txt"
+  $LAB generate --device cuda --model $MODEL --prompt "Hello from the H200" --max-tokens 16 --json 2>&1 | tail -5 | tee "$OUT/generate.txt"
 fi
 
 if [[ $MODE == full ]]; then

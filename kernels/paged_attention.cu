@@ -15,15 +15,19 @@
 //   p = softmax(s)                              (f32, max-subtracted, online)
 //   out[m, h] = sum_j p[j] * v_cache[r_j, g]
 //
-// One thread block per (m, g) handles the `rep` query heads of kv head g, so each key and value
-// row is read once for all of them (GQA). Warps stride over keys; lanes stride over head dims
-// (lane + 32 i), so a warp reads a key row as coalesced 64-byte runs. Each warp keeps an online
-// softmax (max, sum, weighted V) per head; the warps' partial states are merged at the end.
+// Work split (flash-decoding): thread block (m, g, p) handles kv head g of query m over the p-th of
+// P equal slices of that query's keys, for the `rep` query heads of g (GQA: each key and value
+// row is read once for all of them). Warps stride over the slice's keys two at a time (two rows
+// in flight per warp); lanes stride over head dims (lane + 32 i), so a warp reads a key row as
+// coalesced 64-byte runs. Each warp keeps an online softmax (max, sum, weighted V) per head; the
+// block merges its warps, and with P > 1 writes (acc, max, sum) per head to `part`, which
+// paged_decode_merge folds into `out`. P is chosen on the host so that a small batch still
+// fills the GPU's multiprocessors.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#define WARPS 4
+#define MAX_WARPS 8
 #define MAX_REP 8  // query heads per kv head
 // MAX_NPL (head dims per lane, ceil(D / 32)) is a template parameter: registers scale with it.
 
@@ -37,14 +41,17 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 
 template <typename T, int MAX_NPL>
 __device__ void paged_decode_attention(
-    T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-    const uint32_t* __restrict__ rows, const uint32_t* __restrict__ tables, const uint32_t* __restrict__ ctx,
-    uint32_t max_blocks, uint32_t bs, uint32_t H, uint32_t KVH, uint32_t D, float scale) {
-    const uint32_t m = blockIdx.x, g = blockIdx.y;
-    const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    T* __restrict__ out, float* __restrict__ part, const T* __restrict__ q, const T* __restrict__ kc,
+    const T* __restrict__ vc, const uint32_t* __restrict__ rows, const uint32_t* __restrict__ tables,
+    const uint32_t* __restrict__ ctx, uint32_t max_blocks, uint32_t bs, uint32_t H, uint32_t KVH, uint32_t D,
+    float scale) {
+    const uint32_t m = blockIdx.x, g = blockIdx.y, p = blockIdx.z, P = gridDim.z;
+    const uint32_t warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t rep = H / KVH;
     const uint32_t npl = (D + 31) / 32;
     const uint32_t n = ctx[m];
+    const uint32_t chunk = (n + P - 1) / P;
+    const uint32_t j0 = p * chunk, j1 = min(n, j0 + chunk);
     const uint32_t* table = tables + (size_t)m * max_blocks;
 
     float qv[MAX_REP][MAX_NPL], acc[MAX_REP][MAX_NPL], mx[MAX_REP], sum[MAX_REP];
@@ -60,37 +67,48 @@ __device__ void paged_decode_attention(
             acc[r][i] = 0.f;
         }
     }
-    for (uint32_t j = warp; j < n; j += WARPS) {
-        const size_t row = (size_t)table[j / bs] * bs + j % bs;
-        const T* krow = kc + (row * KVH + g) * D;
-        const T* vrow = vc + (row * KVH + g) * D;
-        float kv[MAX_NPL], vv[MAX_NPL];
+    for (uint32_t j = j0 + warp; j < j1; j += 2 * warps) {
+        // Two keys per iteration, both loaded before either is used.
+        const uint32_t jb = j + warps;
+        const bool two = jb < j1;
+        const size_t ra = (size_t)table[j / bs] * bs + j % bs;
+        const size_t rb = two ? (size_t)table[jb / bs] * bs + jb % bs : ra;
+        float ka[MAX_NPL], va[MAX_NPL], kb[MAX_NPL], vb[MAX_NPL];
 #pragma unroll
         for (int i = 0; i < MAX_NPL; i++) {
             uint32_t d = lane + 32 * i;
             bool in = i < npl && d < D;
-            kv[i] = in ? to_f(krow[d]) : 0.f;
-            vv[i] = in ? to_f(vrow[d]) : 0.f;
+            ka[i] = in ? to_f(kc[(ra * KVH + g) * D + d]) : 0.f;
+            va[i] = in ? to_f(vc[(ra * KVH + g) * D + d]) : 0.f;
+            kb[i] = in ? to_f(kc[(rb * KVH + g) * D + d]) : 0.f;
+            vb[i] = in ? to_f(vc[(rb * KVH + g) * D + d]) : 0.f;
         }
 #pragma unroll
         for (int r = 0; r < MAX_REP; r++) {
             if (r >= rep) break;
-            float s = 0.f;
+            float sa = 0.f, sb = 0.f;
 #pragma unroll
-            for (int i = 0; i < MAX_NPL; i++) s += qv[r][i] * kv[i];
+            for (int i = 0; i < MAX_NPL; i++) {
+                sa += qv[r][i] * ka[i];
+                sb += qv[r][i] * kb[i];
+            }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-            float m_new = fmaxf(mx[r], s);
+            for (int o = 16; o > 0; o >>= 1) {
+                sa += __shfl_xor_sync(0xffffffff, sa, o);
+                sb += __shfl_xor_sync(0xffffffff, sb, o);
+            }
+            if (!two) sb = -INFINITY;
+            float m_new = fmaxf(mx[r], fmaxf(sa, sb));
             float c = __expf(mx[r] - m_new);
-            float p = __expf(s - m_new);
-            sum[r] = sum[r] * c + p;
+            float pa = __expf(sa - m_new), pb = two ? __expf(sb - m_new) : 0.f;
+            sum[r] = sum[r] * c + pa + pb;
 #pragma unroll
-            for (int i = 0; i < MAX_NPL; i++) acc[r][i] = acc[r][i] * c + p * vv[i];
+            for (int i = 0; i < MAX_NPL; i++) acc[r][i] = acc[r][i] * c + pa * va[i] + pb * vb[i];
             mx[r] = m_new;
         }
     }
     // Merge the warps' partial softmax states.
-    extern __shared__ float smem[];  // [WARPS][rep][D + 2]
+    extern __shared__ float smem[];  // [warps][rep][D + 2]
     const uint32_t stride = D + 2;
     for (uint32_t r = 0; r < rep; r++) {
         float* s = smem + ((size_t)warp * rep + r) * stride;
@@ -105,18 +123,44 @@ __device__ void paged_decode_attention(
         }
     }
     __syncthreads();
-    for (uint32_t e = threadIdx.x; e < rep * D; e += blockDim.x) {
-        uint32_t r = e / D, d = e % D;
+    for (uint32_t e = threadIdx.x; e < rep * (D + 2); e += blockDim.x) {
+        uint32_t r = e / (D + 2), d = e % (D + 2);
         float M = -INFINITY;
-        for (int w = 0; w < WARPS; w++) M = fmaxf(M, smem[((size_t)w * rep + r) * stride + D]);
+        for (uint32_t w = 0; w < warps; w++) M = fmaxf(M, smem[((size_t)w * rep + r) * stride + D]);
         float L = 0.f, o = 0.f;
-        for (int w = 0; w < WARPS; w++) {
+        for (uint32_t w = 0; w < warps; w++) {
             const float* s = smem + ((size_t)w * rep + r) * stride;
+            float c = (s[D] == -INFINITY) ? 0.f : __expf(s[D] - M);
+            L += s[D + 1] * c;
+            if (d < D) o += s[d] * c;
+        }
+        const size_t head = (size_t)m * H + (size_t)g * rep + r;
+        if (P == 1) {
+            if (d < D) out[head * D + d] = from_f<T>(L > 0.f ? o / L : 0.f);
+        } else {
+            part[(head * P + p) * stride + d] = d < D ? o : (d == D ? M : L);
+        }
+    }
+}
+
+// Pseudocode of paged_decode_merge, per query head row hr and dim d, over the P slices:
+//   M = max_p max_p;  L = sum_p sum_p * exp(max_p - M);  out[hr, d] = sum_p acc_p[d] * exp(max_p - M) / L
+template <typename T>
+__device__ void paged_decode_merge(T* __restrict__ out, const float* __restrict__ part, uint32_t P, uint32_t D) {
+    const size_t hr = blockIdx.x;
+    const uint32_t stride = D + 2;
+    const float* base = part + hr * P * stride;
+    float M = -INFINITY;
+    for (uint32_t p = 0; p < P; p++) M = fmaxf(M, base[p * stride + D]);
+    for (uint32_t d = threadIdx.x; d < D; d += blockDim.x) {
+        float L = 0.f, o = 0.f;
+        for (uint32_t p = 0; p < P; p++) {
+            const float* s = base + p * stride;
             float c = (s[D] == -INFINITY) ? 0.f : __expf(s[D] - M);
             L += s[D + 1] * c;
             o += s[d] * c;
         }
-        out[((size_t)m * H + (size_t)g * rep + r) * D + d] = from_f<T>(L > 0.f ? o / L : 0.f);
+        out[hr * D + d] = from_f<T>(L > 0.f ? o / L : 0.f);
     }
 }
 
@@ -133,11 +177,11 @@ __device__ void write_kv(T* __restrict__ cache, const T* __restrict__ src, const
 
 #define DECODE(T, SUFFIX, NPL)                                                                           \
     extern "C" __global__ void paged_decode_attention_##SUFFIX##_npl##NPL(                               \
-        T* out, const T* q, const T* kc, const T* vc, const uint32_t* rows, const uint32_t* tables,      \
-        const uint32_t* ctx, uint32_t max_blocks, uint32_t bs, uint32_t H, uint32_t KVH, uint32_t D,     \
-        float scale) {                                                                                   \
-        paged_decode_attention<T, NPL>(out, q, kc, vc, rows, tables, ctx, max_blocks, bs, H, KVH, D,     \
-                                       scale);                                                           \
+        T* out, float* part, const T* q, const T* kc, const T* vc, const uint32_t* rows,                 \
+        const uint32_t* tables, const uint32_t* ctx, uint32_t max_blocks, uint32_t bs, uint32_t H,       \
+        uint32_t KVH, uint32_t D, float scale) {                                                         \
+        paged_decode_attention<T, NPL>(out, part, q, kc, vc, rows, tables, ctx, max_blocks, bs, H, KVH,  \
+                                       D, scale);                                                        \
     }
 
 #define INSTANTIATE(T, SUFFIX)                                                                              \
@@ -145,6 +189,9 @@ __device__ void write_kv(T* __restrict__ cache, const T* __restrict__ src, const
     DECODE(T, SUFFIX, 2)                                                                                    \
     DECODE(T, SUFFIX, 4)                                                                                    \
     DECODE(T, SUFFIX, 8)                                                                                    \
+    extern "C" __global__ void paged_decode_merge_##SUFFIX(T* out, const float* part, uint32_t P, uint32_t D) { \
+        paged_decode_merge<T>(out, part, P, D);                                                             \
+    }                                                                                                       \
     extern "C" __global__ void write_kv_##SUFFIX(T* cache, const T* src, const uint32_t* slots, uint32_t n, \
                                                  uint32_t width) {                                          \
         write_kv<T>(cache, src, slots, n, width);                                                           \

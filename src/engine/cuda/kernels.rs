@@ -13,8 +13,12 @@ use crate::engine::attention::paged_ops::{contiguous, DecodeMeta};
 const PAGED_ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const PAGED_ATTENTION_MODULE: &str = "lab_paged_attention";
 
-/// Warps per block of `paged_decode_attention` (`WARPS` in the kernel).
-const DECODE_WARPS: u32 = 4;
+/// Warps per block of `paged_decode_attention` (at most `MAX_WARPS` in the kernel).
+const DECODE_WARPS: u32 = 8;
+/// Blocks that keep the H200's 132 multiprocessors busy (two per SM).
+const TARGET_BLOCKS: usize = 264;
+/// Shared memory a block may use without opting in.
+const SHARED_LIMIT: u32 = 48 * 1024;
 
 fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
     Ok(match dtype {
@@ -106,10 +110,20 @@ pub fn paged_decode(
         PAGED_ATTENTION_PTX,
     )?;
     let rep = (h / kvh) as u32;
+    let mut warps = DECODE_WARPS;
+    while warps > 1 && warps * rep * (d as u32 + 2) * 4 > SHARED_LIMIT {
+        warps /= 2;
+    }
+    // Split each query's keys into `splits` slices (one block each) when the batch alone would
+    // leave most multiprocessors idle; each slice keeps at least two keys per warp.
+    let max_ctx = meta.max_blocks * meta.block_size;
+    let by_occupancy = TARGET_BLOCKS.div_ceil((m * kvh).max(1));
+    let by_keys = max_ctx.div_ceil(2 * warps as usize).max(1);
+    let splits = by_occupancy.min(by_keys).clamp(1, 64) as u32;
     let cfg = LaunchConfig {
-        grid_dim: (m as u32, kvh as u32, 1),
-        block_dim: (32 * DECODE_WARPS, 1, 1),
-        shared_mem_bytes: DECODE_WARPS * rep * (d as u32 + 2) * 4,
+        grid_dim: (m as u32, kvh as u32, splits),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: warps * rep * (d as u32 + 2) * 4,
     };
     let (rows_s, rows_l) = meta.rows.storage_and_layout();
     let (tab_s, tab_l) = meta.tables.storage_and_layout();
@@ -128,6 +142,17 @@ pub fn paged_decode(
     let (q0, qn) = contiguous(ql)?;
     let (k0, kn) = contiguous(kl)?;
     let (v0, vn) = contiguous(vl)?;
+    // Per-slice (acc, max, sum) of every query head; a 1-element stand-in when unsplit.
+    let part = unsafe { dev.alloc::<f32>(if splits > 1 { m * h * splits as usize * (d + 2) } else { 1 })? };
+    let merge = if splits > 1 {
+        Some(dev.get_or_load_custom_func(
+            &format!("paged_decode_merge_{}", suffix(q.dtype())?),
+            PAGED_ATTENTION_MODULE,
+            PAGED_ATTENTION_PTX,
+        )?)
+    } else {
+        None
+    };
     macro_rules! launch {
         ($t:ty) => {{
             let out = unsafe { dev.alloc::<$t>(m * h * d)? };
@@ -135,9 +160,15 @@ pub fn paged_decode(
             let ks = k.as_cuda_slice::<$t>()?.slice(k0..k0 + kn);
             let vs = v.as_cuda_slice::<$t>()?.slice(v0..v0 + vn);
             let mut b = func.builder();
-            b.arg(&out).arg(&qs).arg(&ks).arg(&vs).arg(&rows).arg(&tables).arg(&ctx);
+            b.arg(&out).arg(&part).arg(&qs).arg(&ks).arg(&vs).arg(&rows).arg(&tables).arg(&ctx);
             b.arg(&max_blocks).arg(&bs).arg(&hu).arg(&kvhu).arg(&du).arg(&scale);
             unsafe { b.launch(cfg) }.w()?;
+            if let Some(merge) = &merge {
+                let cfg = LaunchConfig { grid_dim: ((m * h) as u32, 1, 1), block_dim: (du.min(256), 1, 1), shared_mem_bytes: 0 };
+                let mut b = merge.builder();
+                b.arg(&out).arg(&part).arg(&splits).arg(&du);
+                unsafe { b.launch(cfg) }.w()?;
+            }
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
