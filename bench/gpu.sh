@@ -5,8 +5,10 @@
 #
 # Prepared here (bench/gpu-prepare.sh): scratch/gpu/lab.xz (the --features cuda build) and
 # scratch/gpu/peer_hf*.py (copied from ../shared/bench). Run there with:
-#   bash bench/gpu.sh [quick|full|peer]        (carry: scratch/gpu)
-# quick = selftest + a short bench + smoke; full = the whole bench grid; peer = the peers only.
+#   bash bench/gpu.sh [quick|full|compiled]        (carry: scratch/gpu)
+# quick = selftest + a short bench + smoke; full = selftest + the whole bench grid + serve smoke
+# + the eager peer (transformers + PEFT); compiled = lab bench at batch 1/8/32 beside the
+# compiled peer (torch.compile, static cache: the strongest transformers figure), in one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
@@ -64,10 +66,14 @@ if [[ $MODE == quick || $MODE == full ]]; then
   kill -TERM $SERVE; wait $SERVE
 fi
 
-if [[ $MODE == peer ]]; then
+if [[ $MODE == full ]]; then
   log "peer: transformers + PEFT eager (../shared/bench/peer_hf.py)"
-  python3 scratch/gpu/peer_hf.py 2>&1 | grep -v Warning | tee "$OUT/peer_hf.jsonl"
+  timeout 300 python3 scratch/gpu/peer_hf.py 2>&1 | grep '^{' | tee "$OUT/peer_hf.jsonl"
+fi
+
+if [[ $MODE == compiled ]]; then
+  run_bench compiled-beside --batch 1,8,32 --adapters 0 --prompt-len 256 --decode-steps 32 --repeats 5
   log "peer: transformers compiled, static cache (../shared/bench/peer_hf_compiled.py)"
-  timeout 400 python3 scratch/gpu/peer_hf_compiled.py 2>&1 | grep '^{' | tee "$OUT/peer_hf_compiled.jsonl"
+  timeout 420 python3 scratch/gpu/peer_hf_compiled.py 2>&1 | grep '^{' | tee "$OUT/peer_hf_compiled.jsonl"
 fi
 log "done"
