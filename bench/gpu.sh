@@ -38,7 +38,10 @@ run_bench() { # $1 = name, rest = extra flags
 if [[ $MODE == quick || $MODE == full ]]; then
   log "lab selftest --device cuda"
   $LAB selftest --device cuda 2>&1 | tee "$OUT/selftest.txt"
-  echo "rc=${PIPESTATUS[0]}" >> "$OUT/selftest.txt"
+  rc=${PIPESTATUS[0]}
+  echo "rc=$rc" >> "$OUT/selftest.txt"
+  # Timing code that is not correct measures nothing: stop here.
+  [[ $rc == 0 ]] || { log "selftest failed: no benchmarks"; exit 1; }
 fi
 
 if [[ $MODE == quick ]]; then
