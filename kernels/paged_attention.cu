@@ -28,8 +28,8 @@
 #include <stdint.h>
 
 #define MAX_WARPS 8
-#define MAX_REP 8  // query heads per kv head
-// MAX_NPL (head dims per lane, ceil(D / 32)) is a template parameter: registers scale with it.
+// Template parameters, since registers scale with them: MAX_NPL = head dims per lane (D / 32
+// rounded up to 1, 2, 4 or 8) and MAX_REP = query heads per kv head at most (4 or 8).
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -39,7 +39,33 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
-template <typename T, int MAX_NPL>
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+    T v[N];
+};
+
+template <int N>
+struct Floats {
+    float v[N];
+};
+
+// Dims [d0, d0 + N) of a row as floats (returned by value, so they stay in registers): one
+// vector load when all are inside the row.
+template <typename T, int N>
+__device__ __forceinline__ Floats<N> load_dims(const T* __restrict__ row, uint32_t d0, uint32_t D) {
+    Floats<N> f;
+    if (d0 + N <= D) {
+        Pack<T, N> p = *reinterpret_cast<const Pack<T, N>*>(row + d0);
+#pragma unroll
+        for (int i = 0; i < N; i++) f.v[i] = to_f(p.v[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; i++) f.v[i] = (d0 + i < D) ? to_f(row[d0 + i]) : 0.f;
+    }
+    return f;
+}
+
+template <typename T, int MAX_NPL, int MAX_REP>
 __device__ void paged_decode_attention(
     T* __restrict__ out, float* __restrict__ part, const T* __restrict__ q, const T* __restrict__ kc,
     const T* __restrict__ vc, const uint32_t* __restrict__ rows, const uint32_t* __restrict__ tables,
@@ -48,7 +74,7 @@ __device__ void paged_decode_attention(
     const uint32_t m = blockIdx.x, g = blockIdx.y, p = blockIdx.z, P = gridDim.z;
     const uint32_t warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t rep = H / KVH;
-    const uint32_t npl = (D + 31) / 32;
+    const uint32_t d0 = lane * MAX_NPL;
     const uint32_t n = ctx[m];
     const uint32_t chunk = (n + P - 1) / P;
     const uint32_t j0 = p * chunk, j1 = min(n, j0 + chunk);
@@ -60,10 +86,10 @@ __device__ void paged_decode_attention(
     for (int r = 0; r < MAX_REP; r++) {
         mx[r] = -INFINITY;
         sum[r] = 0.f;
+        Floats<MAX_NPL> qr = load_dims<T, MAX_NPL>(qrow + (r < rep ? r : 0) * D, d0, D);
 #pragma unroll
         for (int i = 0; i < MAX_NPL; i++) {
-            uint32_t d = lane + 32 * i;
-            qv[r][i] = (r < rep && i < npl && d < D) ? to_f(qrow[r * D + d]) * scale : 0.f;
+            qv[r][i] = r < rep ? qr.v[i] * scale : 0.f;
             acc[r][i] = 0.f;
         }
     }
@@ -73,24 +99,18 @@ __device__ void paged_decode_attention(
         const bool two = jb < j1;
         const size_t ra = (size_t)table[j / bs] * bs + j % bs;
         const size_t rb = two ? (size_t)table[jb / bs] * bs + jb % bs : ra;
-        float ka[MAX_NPL], va[MAX_NPL], kb[MAX_NPL], vb[MAX_NPL];
-#pragma unroll
-        for (int i = 0; i < MAX_NPL; i++) {
-            uint32_t d = lane + 32 * i;
-            bool in = i < npl && d < D;
-            ka[i] = in ? to_f(kc[(ra * KVH + g) * D + d]) : 0.f;
-            va[i] = in ? to_f(vc[(ra * KVH + g) * D + d]) : 0.f;
-            kb[i] = in ? to_f(kc[(rb * KVH + g) * D + d]) : 0.f;
-            vb[i] = in ? to_f(vc[(rb * KVH + g) * D + d]) : 0.f;
-        }
+        const Floats<MAX_NPL> ka = load_dims<T, MAX_NPL>(kc + (ra * KVH + g) * D, d0, D);
+        const Floats<MAX_NPL> va = load_dims<T, MAX_NPL>(vc + (ra * KVH + g) * D, d0, D);
+        const Floats<MAX_NPL> kb = load_dims<T, MAX_NPL>(kc + (rb * KVH + g) * D, d0, D);
+        const Floats<MAX_NPL> vb = load_dims<T, MAX_NPL>(vc + (rb * KVH + g) * D, d0, D);
 #pragma unroll
         for (int r = 0; r < MAX_REP; r++) {
             if (r >= rep) break;
             float sa = 0.f, sb = 0.f;
 #pragma unroll
             for (int i = 0; i < MAX_NPL; i++) {
-                sa += qv[r][i] * ka[i];
-                sb += qv[r][i] * kb[i];
+                sa += qv[r][i] * ka.v[i];
+                sb += qv[r][i] * kb.v[i];
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
@@ -103,19 +123,20 @@ __device__ void paged_decode_attention(
             float pa = __expf(sa - m_new), pb = two ? __expf(sb - m_new) : 0.f;
             sum[r] = sum[r] * c + pa + pb;
 #pragma unroll
-            for (int i = 0; i < MAX_NPL; i++) acc[r][i] = acc[r][i] * c + pa * va[i] + pb * vb[i];
+            for (int i = 0; i < MAX_NPL; i++) acc[r][i] = acc[r][i] * c + pa * va.v[i] + pb * vb.v[i];
             mx[r] = m_new;
         }
     }
     // Merge the warps' partial softmax states.
     extern __shared__ float smem[];  // [warps][rep][D + 2]
     const uint32_t stride = D + 2;
-    for (uint32_t r = 0; r < rep; r++) {
+#pragma unroll
+    for (int r = 0; r < MAX_REP; r++) {  // unrolled: acc[r] must not be indexed at run time
+        if (r >= rep) break;
         float* s = smem + ((size_t)warp * rep + r) * stride;
 #pragma unroll
         for (int i = 0; i < MAX_NPL; i++) {
-            uint32_t d = lane + 32 * i;
-            if (i < npl && d < D) s[d] = acc[r][i];
+            if (d0 + i < D) s[d0 + i] = acc[r][i];
         }
         if (lane == 0) {
             s[D] = mx[r];
@@ -175,20 +196,24 @@ __device__ void write_kv(T* __restrict__ cache, const T* __restrict__ src, const
     }
 }
 
-#define DECODE(T, SUFFIX, NPL)                                                                           \
-    extern "C" __global__ void paged_decode_attention_##SUFFIX##_npl##NPL(                               \
+#define DECODE(T, SUFFIX, NPL, REP)                                                                      \
+    extern "C" __global__ void paged_decode_attention_##SUFFIX##_npl##NPL##_rep##REP(                    \
         T* out, float* part, const T* q, const T* kc, const T* vc, const uint32_t* rows,                 \
         const uint32_t* tables, const uint32_t* ctx, uint32_t max_blocks, uint32_t bs, uint32_t H,       \
         uint32_t KVH, uint32_t D, float scale) {                                                         \
-        paged_decode_attention<T, NPL>(out, part, q, kc, vc, rows, tables, ctx, max_blocks, bs, H, KVH,  \
-                                       D, scale);                                                        \
+        paged_decode_attention<T, NPL, REP>(out, part, q, kc, vc, rows, tables, ctx, max_blocks, bs, H,  \
+                                            KVH, D, scale);                                              \
     }
 
 #define INSTANTIATE(T, SUFFIX)                                                                              \
-    DECODE(T, SUFFIX, 1)                                                                                    \
-    DECODE(T, SUFFIX, 2)                                                                                    \
-    DECODE(T, SUFFIX, 4)                                                                                    \
-    DECODE(T, SUFFIX, 8)                                                                                    \
+    DECODE(T, SUFFIX, 1, 4)                                                                                 \
+    DECODE(T, SUFFIX, 2, 4)                                                                                 \
+    DECODE(T, SUFFIX, 4, 4)                                                                                 \
+    DECODE(T, SUFFIX, 8, 4)                                                                                 \
+    DECODE(T, SUFFIX, 1, 8)                                                                                 \
+    DECODE(T, SUFFIX, 2, 8)                                                                                 \
+    DECODE(T, SUFFIX, 4, 8)                                                                                 \
+    DECODE(T, SUFFIX, 8, 8)                                                                                 \
     extern "C" __global__ void paged_decode_merge_##SUFFIX(T* out, const float* part, uint32_t P, uint32_t D) { \
         paged_decode_merge<T>(out, part, P, D);                                                             \
     }                                                                                                       \

@@ -105,7 +105,7 @@ pub fn paged_decode(
     };
     let dev = q.device().clone();
     let func = dev.get_or_load_custom_func(
-        &format!("paged_decode_attention_{}_npl{npl}", suffix(q.dtype())?),
+        &format!("paged_decode_attention_{}_npl{npl}_rep{}", suffix(q.dtype())?, if h / kvh <= 4 { 4 } else { 8 }),
         PAGED_ATTENTION_MODULE,
         PAGED_ATTENTION_PTX,
     )?;

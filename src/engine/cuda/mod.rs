@@ -17,8 +17,14 @@ use super::{EngineError, Result};
 ///   with `cuMemAllocAsync`, and with the default threshold of 0 every synchronize hands memory
 ///   back, so the next large allocation maps fresh pages (measured: ops on large tensors at
 ///   about half the copy bandwidth).
+/// - no cudarc event tracking: a stream of its own puts cudarc in multi-stream mode, where it
+///   records events on every tensor at every launch for cross-stream safety; the engine runs
+///   everything on this one stream, so those events are pure host overhead per launch.
 pub fn open_device(ordinal: usize) -> Result<Device> {
     let device = Device::new_cuda_with_stream(ordinal)?;
+    // SAFETY: every tensor the engine makes lives on this device's single stream, so there is
+    // no cross-stream use for events to order (see cudarc's `disable_event_tracking`).
+    unsafe { device.as_cuda_device()?.disable_event_tracking() };
     let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
     // SAFETY: plain driver calls on the context's own device; `thr` outlives the call.
     unsafe {
