@@ -55,7 +55,7 @@ if [[ $MODE == full ]]; then
     --prefill-len 256,1024,4096 --profile
 fi
 
-if [[ $MODE == quick || $MODE == full ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == compiled ]]; then
   log "lab serve --device cuda (smoke)"
   $LAB serve --device cuda --model $MODEL --kv-cache-memory 8GiB --port 18080 > "$OUT/serve.txt" 2>&1 &
   SERVE=$!
@@ -67,6 +67,7 @@ if [[ $MODE == quick || $MODE == full ]]; then
     -d "{\"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 8, \"stream\": true}" \
     | tail -3 | tee -a "$OUT/serve.txt"
   kill -TERM $SERVE; wait $SERVE
+  echo "serve exit code: $?" | tee -a "$OUT/serve.txt"
 fi
 
 if [[ $MODE == full ]]; then

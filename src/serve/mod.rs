@@ -103,7 +103,7 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         max_model_len: s.max_model_len,
         base_name: s.served_model_name.clone(),
     };
-    let (handle, _join) = batcher::spawn(engine)?;
+    let (handle, engine_thread) = batcher::spawn(engine)?;
     let state = Arc::new(routes::AppState {
         validator: validation::Validator { tokenizer, catalog: catalog.clone(), max_model_len: s.max_model_len },
         engine: handle,
@@ -118,7 +118,16 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         seq: AtomicU64::new(0),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(serve_http(&s, state))
+    let served = rt.block_on(serve_http(&s, state));
+    // Connection tasks (and their handles to the engine) go first; the engine thread then sees
+    // every handle gone and returns, dropping the model, KV pool and adapter slots while the
+    // CUDA context is still alive. Leaving it running into process exit segfaulted on the
+    // H200 (device memory freed during the driver's teardown).
+    drop(rt);
+    if engine_thread.join().is_err() {
+        eprintln!("lab serve: the engine thread panicked during shutdown");
+    }
+    served
 }
 
 async fn serve_http(s: &ServeSettings, state: Arc<routes::AppState>) -> Result<(), ServeError> {
