@@ -27,10 +27,14 @@
 //!    (f64) sum_{kept, x_i >= tau_p} w_i >= need (radix select over key(x) with mass
 //!    histograms on the device; here: sort descending and keep the shortest prefix with mass
 //!    >= need, ties kept together); keep x_i >= tau_p.
-//! 6. Z' = sum of kept w; target = trunc((f64) u[r] * (f64) Z');
+//! 6. Z' = sum of kept w; target = trunc((f64) u * (f64) Z'), u = u[r] (NaN or < 0: 0);
 //!    walk i in index order accumulating kept w_i; the sample is the first i whose running sum
 //!    exceeds target (if none: Z' == 0, or u >= 1: the last kept i).
 //! ```
+//!
+//! On an H200 (harness over `random_case` logits, kernel time per launch): 33 x 128256 rows of
+//! mixed kinds 200 us; all greedy 19 us; temperature alone 80 us; top-k 50 125 us; top-p 0.9
+//! 190 us; a single row costs about as much as 33 (one block per row: latency, not throughput).
 //!
 //! Fixed-point masses cost nothing that matters (a token below 2^-40 of the top one is never
 //! drawn; the total mass lost is under vocab * 2^-40 of the top token's) and make every sum exact:
@@ -247,7 +251,8 @@ pub fn sample_row_reference(logits: &[f32], p: RowParam) -> u32 {
         }
     }
     let zp: u64 = keys.iter().zip(&w).filter(|(k, _)| **k >= tau).map(|(_, w)| w).sum();
-    let target = (p.u as f64 * zp as f64) as u64;
+    let u = if p.u > 0.0 { p.u } else { 0.0 };
+    let target = (u as f64 * zp as f64) as u64;
     let (mut run, mut last) = (0u64, 0usize);
     for (i, (&k, &wi)) in keys.iter().zip(&w).enumerate() {
         if k >= tau {

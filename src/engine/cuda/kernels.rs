@@ -159,7 +159,8 @@ const SAMPLING_BLOCK: u32 = 1024;
 
 /// The sampled id of every row of `logits: [rows, vocab]` f32 (see `sampling_op`): `[rows]` u32.
 /// `params` is `[4, rows]` u32 on the same device: temperature (f32 bits), top_k, top_p (f32
-/// bits), u (f32 bits); the kernel reads the float rows through `float*`.
+/// bits), u (f32 bits); the kernel reads the float rows through `float*`. A `[rows, vocab]` u32
+/// scratch (the rows' float keys, L2-resident while the block re-reads them) lives for the launch.
 pub fn sample_rows(
     logits: &CudaStorage,
     ll: &Layout,
@@ -186,11 +187,13 @@ pub fn sample_rows(
     let u = all.slice(p0 + 3 * rows..p0 + 4 * rows);
     let (l0, ln) = contiguous(ll)?;
     let x = logits.as_cuda_slice::<f32>()?.slice(l0..l0 + ln);
+    // The kernel's key rows: vocab rounded up to 4 entries, so every row is 16-byte aligned.
+    let scratch = unsafe { dev.alloc::<u32>(rows * vocab.next_multiple_of(4))? };
     let vocab = vocab as u32;
     let out = unsafe { dev.alloc::<u32>(rows)? };
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (SAMPLING_BLOCK, 1, 1), shared_mem_bytes: 0 };
     let mut b = func.builder();
-    b.arg(&out).arg(&x).arg(&temperature).arg(&top_k).arg(&top_p).arg(&u).arg(&vocab);
+    b.arg(&out).arg(&scratch).arg(&x).arg(&temperature).arg(&top_k).arg(&top_p).arg(&u).arg(&vocab);
     unsafe { b.launch(cfg) }.w()?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
 }
