@@ -7,7 +7,8 @@ use super::kv_cache::{BatchCaches, SeqCache};
 use super::lora::LoraAdapter;
 use super::lora_op::LoraWeights;
 use super::model::{Llama, LogitsAt, PackedBatch};
-use super::sampler::{DeviceGreedy, FinishReason, Sampler, SamplingParams};
+use super::sampler::{DeviceSampling, FinishReason, Sampler, SamplingParams};
+use super::sampling_op::RowParams;
 use super::tokenizer::Tokenizer;
 use super::{EngineError, Result};
 
@@ -57,8 +58,8 @@ pub fn generate(
             prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
             t_decode = Instant::now();
         }
-        let greedy = DeviceGreedy::new(&logits, sampler.is_greedy())?;
-        let id = sampler.sample_row(&logits, 0, &greedy)?;
+        let picks = DeviceSampling::new(&logits, &RowParams(vec![sampler.device_param()]))?;
+        let id = sampler.sample_row(&logits, 0, &picks)?;
         if !params.ignore_eos && tok.eos_ids().contains(&id) {
             finish = FinishReason::Stop;
             break;
@@ -121,8 +122,10 @@ pub fn generate_batch(
             caches.iter_mut().enumerate().filter(|(i, _)| finish[*i].is_none()).map(|(_, c)| c).collect();
         let logits =
             model.forward_lora(&batch, &mut BatchCaches(std::mem::take(&mut live_caches)), lora, LogitsAt::Last)?;
+        let picks =
+            DeviceSampling::new(&logits, &RowParams(live.iter().map(|&i| samplers[i].device_param()).collect()))?;
         for (row, &i) in live.iter().enumerate() {
-            let id = samplers[i].sample(&logits.get(row)?)?;
+            let id = samplers[i].sample_row(&logits, row, &picks)?;
             if !params.ignore_eos && tok.eos_ids().contains(&id) {
                 finish[i] = Some(FinishReason::Stop);
                 continue;

@@ -21,6 +21,7 @@ pub mod lora_slots;
 pub mod model;
 pub mod paged_kv;
 pub mod sampler;
+pub mod sampling_op;
 pub mod scheduler;
 pub mod source;
 pub mod tokenizer;

@@ -20,7 +20,8 @@ use crate::engine::adapters::AdapterRegistry;
 use crate::engine::detokenizer::Detokenizer;
 use crate::engine::model::{LogitsAt, PackedBatch};
 use crate::engine::paged_kv::{BlockTable, PagedKvCache};
-use crate::engine::sampler::{DeviceGreedy, FinishReason, Sampler};
+use crate::engine::sampler::{DeviceSampling, FinishReason, Sampler};
+use crate::engine::sampling_op::RowParams;
 use crate::engine::scheduler::{Scheduler, SeqId, StepPlan};
 use crate::engine::tokenizer::Tokenizer;
 use crate::engine::Llama;
@@ -239,12 +240,19 @@ impl EngineState {
             self.tables.insert(s.id, t);
         }
         let logits = logits?;
-        let any_greedy = plan.batch.iter().filter(|s| s.sample).any(|s| self.live[&s.id].sampler.is_greedy());
-        let greedy = DeviceGreedy::new(&logits, any_greedy)?;
+        let live = &mut self.live;
+        let params = RowParams(
+            plan.batch
+                .iter()
+                .filter(|s| s.sample)
+                .map(|s| live.get_mut(&s.id).expect("live").sampler.device_param())
+                .collect(),
+        );
+        let picks = DeviceSampling::new(&logits, &params)?;
         let mut sampled = Vec::with_capacity(sampling);
         for (row, s) in plan.batch.iter().filter(|s| s.sample).enumerate() {
             let live = self.live.get_mut(&s.id).expect("scheduled requests are live");
-            sampled.push((s.id, live.sampler.sample_row(&logits, row, &greedy)?));
+            sampled.push((s.id, live.sampler.sample_row(&logits, row, &picks)?));
         }
         self.e.scheduler.complete(plan, &sampled);
         let prefill: usize = plan

@@ -180,3 +180,51 @@ pub fn paged_decode(
     };
     Ok((out, Shape::from((m, h, d))))
 }
+
+/// PTX of `kernels/sampling.cu`.
+const SAMPLING_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+const SAMPLING_MODULE: &str = "lab_sampling";
+
+/// Threads per block of `sample_rows` (`BLOCK` in the kernel; one block per row).
+const SAMPLING_BLOCK: u32 = 1024;
+
+/// The sampled id of every row of `logits: [rows, vocab]` f32 (see `sampling_op`): `[rows]` u32.
+/// `params` is `[4, rows]` u32 on the same device: temperature (f32 bits), top_k, top_p (f32
+/// bits), u (f32 bits); the kernel reads the float rows through `float*`. A `[rows, vocab]` u32
+/// scratch (the rows' float keys, L2-resident while the block re-reads them) lives for the launch.
+pub fn sample_rows(
+    logits: &CudaStorage,
+    ll: &Layout,
+    params: &candle_core::Tensor,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (rows, vocab) = ll.shape().dims2()?;
+    if logits.dtype() != DType::F32 {
+        candle_core::bail!("sample-rows: logits must be f32, got {:?}", logits.dtype());
+    }
+    let dev = logits.device().clone();
+    let func = dev.get_or_load_custom_func("sample_rows", SAMPLING_MODULE, SAMPLING_PTX)?;
+    let (ps, pl) = params.storage_and_layout();
+    let candle_core::Storage::Cuda(ps) = &*ps else {
+        candle_core::bail!("sampling parameters must be on the CUDA device");
+    };
+    let (p0, pn) = contiguous(pl)?;
+    if pn != 4 * rows {
+        candle_core::bail!("sample-rows: {pn} parameters for {rows} rows (want 4 per row)");
+    }
+    let all = ps.as_cuda_slice::<u32>()?;
+    let temperature = all.slice(p0..p0 + rows);
+    let top_k = all.slice(p0 + rows..p0 + 2 * rows);
+    let top_p = all.slice(p0 + 2 * rows..p0 + 3 * rows);
+    let u = all.slice(p0 + 3 * rows..p0 + 4 * rows);
+    let (l0, ln) = contiguous(ll)?;
+    let x = logits.as_cuda_slice::<f32>()?.slice(l0..l0 + ln);
+    // The kernel's key rows: vocab rounded up to 4 entries, so every row is 16-byte aligned.
+    let scratch = unsafe { dev.alloc::<u32>(rows * vocab.next_multiple_of(4))? };
+    let vocab = vocab as u32;
+    let out = unsafe { dev.alloc::<u32>(rows)? };
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (SAMPLING_BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut b = func.builder();
+    b.arg(&out).arg(&scratch).arg(&x).arg(&temperature).arg(&top_k).arg(&top_p).arg(&u).arg(&vocab);
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
+}
