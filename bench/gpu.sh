@@ -48,6 +48,7 @@ if [[ $MODE == quick ]]; then
   run_bench quick --batch 1,32 --adapters 0,8 --prompt-len 256 --decode-steps 8 --repeats 3 --prefill-len 1024 --profile
   log "lab generate --device cuda (smoke)"
   $LAB generate --device cuda --model $MODEL --prompt "Hello from the H200" --max-tokens 16 --json 2>&1 | tail -5 | tee "$OUT/generate.txt"
+  $LAB generate --device cuda --model $MODEL --prompt "Hello from the H200" --max-tokens 16 --temperature 0.8 --top-k 40 --seed 3 --json 2>&1 | tail -5 | tee -a "$OUT/generate.txt"
 fi
 
 if [[ $MODE == full ]]; then
@@ -61,7 +62,10 @@ if [[ $MODE == quick || $MODE == full || $MODE == compiled ]]; then
   SERVE=$!
   for _ in $(seq 1 240); do grep -q "listening on" "$OUT/serve.txt" && break; sleep 1; done
   curl -s -m 60 http://127.0.0.1:18080/v1/completions -H 'content-type: application/json' \
-    -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16}" | tee -a "$OUT/serve.txt"
+    -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16, \"temperature\": 0}" | tee -a "$OUT/serve.txt"
+  echo >> "$OUT/serve.txt"
+  curl -s -m 60 http://127.0.0.1:18080/v1/completions -H 'content-type: application/json' \
+    -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16, \"temperature\": 0.8, \"top_p\": 0.9, \"seed\": 7}" | tee -a "$OUT/serve.txt"
   echo >> "$OUT/serve.txt"
   curl -s -m 30 http://127.0.0.1:18080/v1/chat/completions -H 'content-type: application/json' \
     -d "{\"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 8, \"stream\": true}" \

@@ -102,5 +102,15 @@ pub fn greedy_sampler(device: &Device, seed: u64) -> anyhow::Result<Vec<Outcome>
         .map(|r| Ok(crate::engine::sampler::argmax(&logits.get(r)?.to_vec1::<f32>()?)))
         .collect::<anyhow::Result<_>>()?;
     let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
-    Ok(vec![Outcome::exact("greedy argmax on the device, 33 x 128256 logits", same == want.len(), format!("{same}/33 equal"))])
+    let mut out =
+        vec![Outcome::exact("greedy argmax on the device, 33 x 128256 logits", same == want.len(), format!("{same}/33 equal"))];
+    // The batched sampler (greedy, temperature, top-k, top-p rows mixed) against its CPU
+    // reference on the same uniforms: exact by construction (fixed-point masses).
+    let (equal, rows) = crate::engine::sampling_op::check_against_reference(device, seed)?;
+    out.push(Outcome::exact(
+        "sample_on_device (t, top-k, top-p mixed), 33 x 128256 logits",
+        equal == rows,
+        format!("{equal}/{rows} ids equal to the CPU reference"),
+    ));
+    Ok(out)
 }
