@@ -31,7 +31,9 @@ fn main() {
             .arg("-o")
             .arg(&ptx)
             .status()
-            .unwrap_or_else(|e| panic!("could not run {nvcc} (is the CUDA toolchain on PATH? see bench/setup-cuda-toolchain.sh): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("could not run {nvcc} (is the CUDA toolchain on PATH? see bench/setup-cuda-toolchain.sh): {e}")
+            });
         assert!(status.success(), "{nvcc} failed on {}", src.display());
     }
 }

@@ -7,11 +7,11 @@ mod util;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use lab::engine::gguf::GgufFile;
-use lab::engine::kv_cache::{BatchCaches, SeqCache};
+use lab::engine::kv::{BatchCaches, SeqCache};
+use lab::engine::load::gguf::GgufFile;
 use lab::engine::model::{Llama, LogitsAt, PackedBatch};
-use lab::engine::sampler::argmax;
-use lab::engine::tokenizer::{ChatMessage, Tokenizer};
+use lab::engine::sampling::argmax;
+use lab::engine::text::tokenizer::{ChatMessage, Tokenizer};
 
 const PROMPTS: [&str; 5] = [
     "What is the capital of France?",

@@ -62,3 +62,23 @@ fn train_and_eval_explain_bad_input_in_one_line() {
     assert_one_line_error(&["train-lora", "--data", "/nope/data.jsonl", "--out", "/tmp/x"], "not found");
     assert_one_line_error(&["eval", "--domain", "A", "--data", "/nope/eval.jsonl"], "/nope/eval.jsonl");
 }
+
+/// `lab selftest --device cpu` runs every check the H200 runs, with the CPU reference forms of
+/// the device ops (so the in-place paged plan is checked against the per-sequence path, the
+/// sampler op against its reference, PEFT parity through the paged path) and passes.
+#[test]
+fn selftest_on_the_cpu_passes_every_check() {
+    let (code, out, err) = lab(&["selftest", "--device", "cpu"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let last = out.trim().lines().last().unwrap_or_default();
+    assert!(last.ends_with("checks, 0 failed"), "{out}");
+    assert!(out.lines().filter(|l| l.starts_with("ok")).count() >= 40, "{out}");
+}
+
+/// On a build without the `cuda` feature, asking for CUDA is one line saying how to get it.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_one_line() {
+    assert_one_line_error(&["selftest", "--device", "cuda"], "without CUDA");
+    assert_one_line_error(&["generate", "--device", "cuda", "--model", "synthetic:tiny", "--prompt", "hi"], "without CUDA");
+}

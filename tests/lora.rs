@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lab::engine::adapters::{AdapterRegistry, RegistryConfig, SlotRequest};
-use lab::engine::kv_cache::{BatchCaches, NoCache, SeqCache};
+use lab::engine::kv::{BatchCaches, NoCache, SeqCache};
+use lab::engine::lora::op::LoraWeights;
+use lab::engine::lora::registry::{AdapterRegistry, RegistryConfig, SlotRequest};
+use lab::engine::lora::slots::SlotBank;
 use lab::engine::lora::{LoraAdapter, LoraError, LoraModule};
-use lab::engine::lora_op::LoraWeights;
-use lab::engine::lora_slots::SlotBank;
 use lab::engine::model::{Llama, LogitsAt, PackedBatch};
 
 use crate::util::{random_adapter, random_llama, rel_err};
@@ -271,9 +271,9 @@ fn loading_an_adapter_never_blocks_a_step_that_does_not_need_it() {
 #[test]
 fn batched_generation_equals_one_at_a_time() {
     use lab::engine::generate::{generate, generate_batch, BatchPrompt};
-    use lab::engine::gguf::GgufFile;
-    use lab::engine::sampler::SamplingParams;
-    use lab::engine::tokenizer::Tokenizer;
+    use lab::engine::load::gguf::GgufFile;
+    use lab::engine::sampling::SamplingParams;
+    use lab::engine::text::tokenizer::Tokenizer;
     let tok = Tokenizer::from_gguf(&GgufFile::open(&crate::util::default_gguf()).unwrap()).unwrap();
     let model = random_llama(13);
     let (a1, _) = two_adapters(&model);
@@ -296,9 +296,9 @@ fn batched_generation_equals_one_at_a_time() {
 #[test]
 fn batched_generation_with_a_shared_prefix_equals_one_at_a_time() {
     use lab::engine::generate::{generate, generate_batch, BatchPrompt};
-    use lab::engine::gguf::GgufFile;
-    use lab::engine::sampler::SamplingParams;
-    use lab::engine::tokenizer::Tokenizer;
+    use lab::engine::load::gguf::GgufFile;
+    use lab::engine::sampling::SamplingParams;
+    use lab::engine::text::tokenizer::Tokenizer;
     let tok = Tokenizer::from_gguf(&GgufFile::open(&crate::util::default_gguf()).unwrap()).unwrap();
     let model = random_llama(14);
     let (a1, a2) = two_adapters(&model);

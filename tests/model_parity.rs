@@ -1,10 +1,10 @@
 //! The Llama forward against transformers' logits, and packed batches against single runs.
 
 use candle_core::{Device, Tensor};
-use lab::engine::kv_cache::{BatchCaches, NoCache, SeqCache};
-use lab::engine::layers::OpsMode;
+use lab::engine::kv::{BatchCaches, NoCache, SeqCache};
+use lab::engine::model::layers::OpsMode;
 use lab::engine::model::{Llama, LogitsAt, PackedBatch};
-use lab::engine::sampler::argmax;
+use lab::engine::sampling::argmax;
 use serde::Deserialize;
 
 use crate::util::{fixture, random_llama, rel_err, tiny_hf_llama};
@@ -121,7 +121,7 @@ fn packed_batch_equals_each_sequence_alone() {
 
 #[test]
 fn paged_cache_gives_the_contiguous_cache_logits_and_frees_its_blocks() {
-    use lab::engine::paged_kv::{BlockTable, PagedKvCache};
+    use lab::engine::kv::paged::{BlockTable, PagedKvCache};
     let model = random_llama(12);
     let cfg = model.config().clone();
     let mut paged = PagedKvCache::new(&cfg, 16, 4, candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -161,9 +161,9 @@ fn paged_cache_gives_the_contiguous_cache_logits_and_frees_its_blocks() {
 /// cached past, decodes, with and without adapters; and it leaves the tables at the same lengths.
 #[test]
 fn in_place_paged_attention_equals_the_per_sequence_path() {
+    use lab::engine::kv::paged::{BlockTable, PagedKvCache};
+    use lab::engine::lora::op::LoraWeights;
     use lab::engine::lora::{LoraAdapter, LoraModule};
-    use lab::engine::lora_op::LoraWeights;
-    use lab::engine::paged_kv::{BlockTable, PagedKvCache};
     let reference = random_llama(21);
     let in_place = reference.clone().with_paged_kernels(true);
     let cfg = reference.config().clone();
@@ -190,9 +190,13 @@ fn in_place_paged_attention_equals_the_per_sequence_path() {
         }
         let want =
             reference.forward_lora(&batch, &mut p_ref.batch(t_ref.iter_mut().collect()), lora, LogitsAt::All).unwrap();
-        let got = in_place.forward_lora(&batch, &mut p_new.batch(t_new.iter_mut().collect()), lora, LogitsAt::All).unwrap();
+        let got =
+            in_place.forward_lora(&batch, &mut p_new.batch(t_new.iter_mut().collect()), lora, LogitsAt::All).unwrap();
         let err = rel_err(&got, &want);
         assert!(err < 1e-5, "rel err {err}");
-        assert_eq!(t_ref.iter().map(|t| t.len()).collect::<Vec<_>>(), t_new.iter().map(|t| t.len()).collect::<Vec<_>>());
+        assert_eq!(
+            t_ref.iter().map(|t| t.len()).collect::<Vec<_>>(),
+            t_new.iter().map(|t| t.len()).collect::<Vec<_>>()
+        );
     }
 }

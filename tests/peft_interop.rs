@@ -1,12 +1,12 @@
 //! Adapters made by PEFT itself (fixtures from `tests/fixtures/make_peft_fixtures.py`).
 
 use candle_core::{DType, Device, Tensor};
-use lab::engine::gguf::GgufFile;
-use lab::engine::kv_cache::{BatchCaches, NoCache, SeqCache};
+use lab::engine::kv::{BatchCaches, NoCache, SeqCache};
+use lab::engine::load::gguf::GgufFile;
+use lab::engine::lora::op::LoraWeights;
 use lab::engine::lora::LoraAdapter;
-use lab::engine::lora_op::LoraWeights;
 use lab::engine::model::{Llama, LogitsAt, PackedBatch};
-use lab::engine::sampler::argmax;
+use lab::engine::sampling::argmax;
 use serde::Deserialize;
 
 use crate::util::{default_gguf, fixture, rel_err, tiny_hf_llama};

@@ -1,7 +1,7 @@
 //! The GGUF-built tokenizer against the HF tokenizers made by `make_tokenizer_fixture.py`.
 
-use lab::engine::gguf::GgufFile;
-use lab::engine::tokenizer::{ChatMessage, Tokenizer};
+use lab::engine::load::gguf::GgufFile;
+use lab::engine::text::tokenizer::{ChatMessage, Tokenizer};
 use serde::Deserialize;
 
 use crate::util::{default_gguf, fixture};

@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use lab::engine::config::LlamaConfig;
-use lab::engine::layers::OpsMode;
+use lab::engine::load::weights;
 use lab::engine::lora::{AdapterConfig, LoraAdapter, LoraModule, ProjKey};
+use lab::engine::model::config::LlamaConfig;
+use lab::engine::model::layers::OpsMode;
 use lab::engine::model::Llama;
-use lab::engine::weights;
 use lab::train::examples::TokenizedExample;
 use lab::train::loss::cross_entropy;
 use lab::train::shared_prefix::pack;
@@ -243,7 +243,7 @@ fn shared_prefix_packing_gives_the_same_loss_and_gradients() {
 /// `tests/fixtures/check_peft_roundtrip.py`, which loads the adapter with PEFT itself.
 #[test]
 fn lab_trained_adapter_loads_in_peft() {
-    use lab::engine::kv_cache::NoCache;
+    use lab::engine::kv::NoCache;
     use lab::engine::model::{LogitsAt, PackedBatch};
     use lab::train::{trainer, TrainSettings};
     let model = crate::util::tiny_hf_llama().with_mode(OpsMode::Differentiable);

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use lab::engine::config::LlamaConfig;
+use lab::engine::load::source::{ensure_default_model, lab_home, local_dir_files};
+use lab::engine::load::weights;
+use lab::engine::model::config::LlamaConfig;
 use lab::engine::model::Llama;
-use lab::engine::source::{ensure_default_model, lab_home, local_dir_files};
-use lab::engine::weights;
 
 /// Path of a file under `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {

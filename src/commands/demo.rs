@@ -14,8 +14,8 @@ use candle_core::{DType, Device};
 use serde_json::json;
 
 use crate::cli::DemoArgs;
+use crate::engine::load::source::{ensure_default_model, lab_home};
 use crate::engine::lora::LoraAdapter;
-use crate::engine::source::{ensure_default_model, lab_home};
 
 const DOMAINS: [(&str, &str); 3] = [("A", "a"), ("B", "b"), ("C", "c")];
 
@@ -100,8 +100,8 @@ fn run_child(lab: &Path, args: &[&str]) -> anyhow::Result<()> {
 /// adapters (rank 16, all seven projections), each its own files, listed in `manifest.json`.
 fn make_customers(out: &Path, n: usize, gguf: &Path) -> anyhow::Result<PathBuf> {
     let dir = out.join("customers");
-    let files = crate::engine::source::ModelFiles::Gguf { path: gguf.to_path_buf(), name: "default".into() };
-    let (cfg, _) = crate::engine::weights::open(&files, DType::F32, &Device::Cpu)?;
+    let files = crate::engine::load::source::ModelFiles::Gguf { path: gguf.to_path_buf(), name: "default".into() };
+    let (cfg, _) = crate::engine::load::weights::open(&files, DType::F32, &Device::Cpu)?;
     let mut manifest = Vec::new();
     for i in 1..=n {
         let name = format!("customer-{i:02}");

@@ -11,12 +11,12 @@ use super::{device_and_dtype, report_loaded};
 use crate::cli::EvalArgs;
 use crate::datasets::{read_jsonl, with_system, Domain, Example};
 use crate::engine::generate::{generate_batch, BatchPrompt};
-use crate::engine::loader::{load_model, LoadedModel};
+use crate::engine::load::source::{lab_home, ModelSource};
+use crate::engine::load::{load_model, LoadedModel};
+use crate::engine::lora::op::LoraWeights;
 use crate::engine::lora::LoraAdapter;
-use crate::engine::lora_op::LoraWeights;
-use crate::engine::sampler::SamplingParams;
-use crate::engine::source::{lab_home, ModelSource};
-use crate::engine::tokenizer::ChatMessage;
+use crate::engine::sampling::SamplingParams;
+use crate::engine::text::tokenizer::ChatMessage;
 use crate::eval::Scorer;
 
 /// One scored example.

@@ -8,11 +8,11 @@ use serde_json::json;
 use super::device_and_dtype;
 use crate::cli::GenerateArgs;
 use crate::engine::generate::generate;
-use crate::engine::loader::load_model;
+use crate::engine::load::load_model;
+use crate::engine::load::source::{lab_home, ModelSource};
 use crate::engine::lora::LoraAdapter;
-use crate::engine::sampler::SamplingParams;
-use crate::engine::source::{lab_home, ModelSource};
-use crate::engine::tokenizer::{ChatMessage, Tokenizer};
+use crate::engine::sampling::SamplingParams;
+use crate::engine::text::tokenizer::{ChatMessage, Tokenizer};
 
 /// Runs `lab generate`.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ pub mod train;
 use candle_core::{DType, Device};
 
 use crate::cli::{DatasetsAction, DatasetsArgs, ModelArgs};
-use crate::engine::loader::LoadedModel;
+use crate::engine::load::LoadedModel;
 
 /// The error and its causes on one line.
 pub fn one_line(e: &anyhow::Error) -> String {

@@ -7,10 +7,10 @@ use anyhow::{bail, Context};
 
 use super::device_and_dtype;
 use crate::cli::ServeArgs;
-use crate::engine::loader::load_model;
-use crate::engine::paged_kv::PagedKvCache;
+use crate::engine::kv::paged::PagedKvCache;
+use crate::engine::load::load_model;
+use crate::engine::load::source::{lab_home, ModelSource};
 use crate::engine::scheduler::SchedulerConfig;
-use crate::engine::source::{lab_home, ModelSource};
 use crate::serve::ServeSettings;
 
 /// Runs `lab serve`.

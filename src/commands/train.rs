@@ -7,11 +7,11 @@ use anyhow::Context;
 use super::{device_and_dtype, report_loaded};
 use crate::cli::TrainArgs;
 use crate::datasets::{read_jsonl, with_system, Domain};
-use crate::engine::layers::OpsMode;
-use crate::engine::loader::load_model;
+use crate::engine::load::load_model;
+use crate::engine::load::source::{lab_home, ModelSource};
 use crate::engine::lora::LoraModule;
-use crate::engine::source::{lab_home, ModelSource};
-use crate::engine::tokenizer::{ChatMessage, Tokenizer};
+use crate::engine::model::layers::OpsMode;
+use crate::engine::text::tokenizer::{ChatMessage, Tokenizer};
 use crate::train::examples::{tokenize_example, TokenizedExample};
 use crate::train::{trainer, TrainSettings};
 

@@ -2,15 +2,15 @@
 
 use std::time::Instant;
 
-use super::detokenizer::Detokenizer;
-use super::kv_cache::{BatchCaches, SeqCache};
-use super::lora::LoraAdapter;
-use super::lora_op::LoraWeights;
-use super::model::{Llama, LogitsAt, PackedBatch};
-use super::sampler::{DeviceSampling, FinishReason, Sampler, SamplingParams};
-use super::sampling_op::RowParams;
-use super::tokenizer::Tokenizer;
-use super::{EngineError, Result};
+use crate::engine::kv::{BatchCaches, SeqCache};
+use crate::engine::lora::op::LoraWeights;
+use crate::engine::lora::LoraAdapter;
+use crate::engine::model::{Llama, LogitsAt, PackedBatch};
+use crate::engine::sampling::op::RowParams;
+use crate::engine::sampling::{DeviceSampling, FinishReason, Sampler, SamplingParams};
+use crate::engine::text::detokenizer::Detokenizer;
+use crate::engine::text::tokenizer::Tokenizer;
+use crate::engine::{EngineError, Result};
 
 /// What one generation produced, with its timings.
 #[derive(Debug, Clone)]

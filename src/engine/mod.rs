@@ -1,34 +1,29 @@
 //! The shared engine: model sources, weights, tokenizer, the Llama forward, KV cache and sampling.
 //!
+//! By concern: `load/` (the `--model` grammar -> files -> weights, tokenizer), `model/` (config,
+//! layers, the packed-batch forward), `attention/` (per-sequence SDPA and the in-place paged
+//! path), `kv/` (KV stores, the paged pool), `lora/` (PEFT files, the batched op, device slots,
+//! the registry), `sampling/` (host sampler, the device sampling op), `text/` (tokenizer,
+//! detokenizer), `cuda/` (device start-up and kernel launches; `--features cuda` only), and
+//! `scheduler.rs` (continuous batching policy), `generate.rs`, `warmup.rs`.
+//!
 //! Knows nothing of HTTP, tokio or clap. Every tensor lives on a caller-chosen
 //! [`candle_core::Device`]; shape logic never assumes the CPU.
 
-pub mod adapters;
 pub mod attention;
-pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod detokenizer;
 pub mod generate;
-pub mod gguf;
-pub mod hub;
-pub mod kv_cache;
-pub mod layers;
-pub mod loader;
+pub mod kv;
+pub mod load;
 pub mod lora;
-pub mod lora_op;
-pub mod lora_slots;
 pub mod model;
-pub mod paged_kv;
-pub mod sampler;
-pub mod sampling_op;
+pub mod sampling;
 pub mod scheduler;
-pub mod source;
-pub mod tokenizer;
+pub mod text;
 pub mod warmup;
-pub mod weights;
 
-pub use config::LlamaConfig;
+pub use model::config::LlamaConfig;
 pub use model::Llama;
 
 use std::path::PathBuf;

@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::model::{Llama, LogitsAt, PackedBatch};
-use super::paged_kv::{BlockTable, PagedKvCache};
-use super::Result;
+use crate::engine::kv::paged::{BlockTable, PagedKvCache};
+use crate::engine::model::{Llama, LogitsAt, PackedBatch};
+use crate::engine::Result;
 
 /// Runs a 32-token prefill and two decode steps of two sequences through `kv`, then gives
 /// their blocks back. Returns how long it took.

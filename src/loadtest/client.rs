@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::engine::tokenizer::ChatMessage;
+use crate::engine::text::tokenizer::ChatMessage;
 
 /// What one request measured.
 #[derive(Debug, Clone, Default, Serialize)]

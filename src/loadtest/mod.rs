@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::datasets::{read_jsonl, with_system, Domain, Example};
-use crate::engine::tokenizer::ChatMessage;
+use crate::engine::text::tokenizer::ChatMessage;
 use schedule::{Arrival, Mix};
 use stats::{Sample, StepSummary};
 

@@ -21,11 +21,11 @@ use std::time::Duration;
 
 use candle_core::{DType, Device};
 
-use crate::engine::adapters::{AdapterRegistry, RegistryConfig};
-use crate::engine::loader::LoadedModel;
+use crate::engine::kv::paged::PagedKvCache;
+use crate::engine::load::LoadedModel;
+use crate::engine::lora::registry::{AdapterRegistry, RegistryConfig};
+use crate::engine::lora::slots::SlotBank;
 use crate::engine::lora::LoraAdapter;
-use crate::engine::lora_slots::SlotBank;
-use crate::engine::paged_kv::PagedKvCache;
 use crate::engine::scheduler::{Scheduler, SchedulerConfig};
 
 /// Resolved server settings (built once from the CLI).

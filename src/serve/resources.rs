@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::engine::adapters::{AdapterRegistry, SlotRequest};
-use crate::engine::paged_kv::{BlockTable, PagedKvCache};
+use crate::engine::kv::paged::{BlockTable, PagedKvCache};
+use crate::engine::lora::registry::{AdapterRegistry, SlotRequest};
 use crate::engine::scheduler::{Grant, Resources, SeqId};
 
 /// KV blocks and adapter slots, borrowed for one scheduling pass.

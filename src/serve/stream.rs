@@ -12,8 +12,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::batcher::Event;
 use super::error::ApiError;
 use super::validation::{Endpoint, ValidRequest};
-use crate::engine::sampler::FinishReason;
-use crate::engine::tokenizer::ChatMessage;
+use crate::engine::sampling::FinishReason;
+use crate::engine::text::tokenizer::ChatMessage;
 use crate::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta, CompletionChoice,
     CompletionResponse, Usage,

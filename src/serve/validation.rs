@@ -7,8 +7,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::catalog::Catalog;
 use super::error::ApiError;
-use crate::engine::sampler::SamplingParams;
-use crate::engine::tokenizer::Tokenizer;
+use crate::engine::sampling::SamplingParams;
+use crate::engine::text::tokenizer::Tokenizer;
 use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, Stop};
 
 /// Which OpenAI endpoint a request came through (decides the response shape).

@@ -1,6 +1,6 @@
 //! Chat examples -> token ids with a loss mask (loss only on the last assistant turn).
 
-use crate::engine::tokenizer::{ChatMessage, Tokenizer};
+use crate::engine::text::tokenizer::{ChatMessage, Tokenizer};
 
 use super::TrainError;
 

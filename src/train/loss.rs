@@ -2,7 +2,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::engine::layers::at_least_f32;
+use crate::engine::model::layers::at_least_f32;
 
 use super::TrainError;
 

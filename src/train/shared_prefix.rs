@@ -8,7 +8,7 @@
 
 use candle_core::Tensor;
 
-use crate::engine::kv_cache::KvStore;
+use crate::engine::kv::KvStore;
 use crate::engine::model::PackedBatch;
 use crate::engine::Result;
 

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
-use crate::engine::config::LlamaConfig;
 use crate::engine::lora::{AdapterConfig, LoraAdapter, LoraModule, ProjKey};
+use crate::engine::model::config::LlamaConfig;
 
 use super::TrainError;
 

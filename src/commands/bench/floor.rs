@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::engine::{LlamaConfig, Llama};
+use crate::engine::{Llama, LlamaConfig};
 
 /// Measured ceilings of the device.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +97,7 @@ pub fn prefill_flop(model: &Llama, len: usize) -> f64 {
     let vocab_mats = if cfg.tie_word_embeddings { 1.0 } else { 2.0 };
     let matrices = model.num_parameters() as f64 - vocab_mats * (cfg.vocab_size * cfg.hidden_size) as f64;
     let proj = 2.0 * matrices * len as f64;
-    let attn = 2.0 * 2.0 * (len * len) as f64 / 2.0 * (cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers) as f64;
+    let attn =
+        2.0 * 2.0 * (len * len) as f64 / 2.0 * (cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers) as f64;
     proj + attn + 2.0 * (cfg.vocab_size * cfg.hidden_size) as f64
 }

@@ -16,10 +16,10 @@ use candle_core::{DType, Device};
 
 use super::{device_and_dtype, report_loaded};
 use crate::cli::BenchArgs;
-use crate::engine::loader::{load_model, LoadedModel};
+use crate::engine::load::source::{lab_home, ModelSource};
+use crate::engine::load::{load_model, LoadedModel};
+use crate::engine::lora::slots::SlotBank;
 use crate::engine::lora::LoraAdapter;
-use crate::engine::lora_slots::SlotBank;
-use crate::engine::source::{lab_home, ModelSource};
 use points::{DecodePoint, PrefillPoint};
 
 /// Everything one `lab bench` run measured.
@@ -63,7 +63,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let adapter_load_ms = adapter_load_ms(&loaded, args.lora_rank, dtype, &device)?;
     let profile = if args.profile {
-        args.batch.iter().map(|&b| profile::profile_step(&loaded, b, args.prompt_len, args.repeats.max(3))).collect::<anyhow::Result<_>>()?
+        args.batch
+            .iter()
+            .map(|&b| profile::profile_step(&loaded, b, args.prompt_len, args.repeats.max(3)))
+            .collect::<anyhow::Result<_>>()?
     } else {
         Vec::new()
     };

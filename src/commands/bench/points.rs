@@ -7,10 +7,10 @@ use rand::{Rng, SeedableRng};
 
 use super::floor::{self, median};
 use crate::cli::BenchArgs;
-use crate::engine::loader::LoadedModel;
-use crate::engine::lora_slots::SlotBank;
+use crate::engine::kv::paged::{BlockTable, PagedKvCache};
+use crate::engine::load::LoadedModel;
+use crate::engine::lora::slots::SlotBank;
 use crate::engine::model::{LogitsAt, PackedBatch};
-use crate::engine::paged_kv::{BlockTable, PagedKvCache};
 
 /// Positions per KV block (the server's default).
 const BLOCK: usize = 16;
@@ -40,7 +40,12 @@ pub struct PrefillPoint {
 
 /// Prefills `batch` random prompts, then times decode steps with each count of distinct
 /// adapters in `args.adapters` (rows round-robin over slots `0..n`).
-pub fn decode_points(m: &LoadedModel, bank: &SlotBank, batch: usize, args: &BenchArgs) -> anyhow::Result<Vec<DecodePoint>> {
+pub fn decode_points(
+    m: &LoadedModel,
+    bank: &SlotBank,
+    batch: usize,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<DecodePoint>> {
     let (model, cfg) = (&m.model, m.model.config());
     let steps_per_point = 2 + args.repeats * args.decode_steps;
     let max_len = args.prompt_len + args.adapters.len() * steps_per_point + 1;
@@ -68,7 +73,8 @@ pub fn decode_points(m: &LoadedModel, bank: &SlotBank, batch: usize, args: &Benc
             for (i, t) in tables.iter().enumerate() {
                 b.push_with_slot(&[(t.len() as u32 + i as u32) % vocab], t.len(), slot(i));
             }
-            let logits = model.forward_lora(&b, &mut kv.batch(tables.iter_mut().collect()), Some(bank), LogitsAt::Last)?;
+            let logits =
+                model.forward_lora(&b, &mut kv.batch(tables.iter_mut().collect()), Some(bank), LogitsAt::Last)?;
             greedy_ids(&logits)?;
             Ok(())
         };

@@ -9,9 +9,9 @@ use candle_core::{Device, Tensor};
 use super::floor::{median, median_seconds};
 use super::points::greedy_ids;
 use crate::engine::attention::paged_ops::{paged_decode_attention, DecodeMeta};
-use crate::engine::loader::LoadedModel;
+use crate::engine::kv::paged::{BlockTable, PagedKvCache};
+use crate::engine::load::LoadedModel;
 use crate::engine::model::{LogitsAt, PackedBatch};
-use crate::engine::paged_kv::{BlockTable, PagedKvCache};
 
 /// The parts of one base decode step at `batch`.
 #[derive(Debug, Clone)]
@@ -101,7 +101,8 @@ fn attention_alone(m: &LoadedModel, kv: &PagedKvCache, tables: &[BlockTable], re
     let device: &Device = m.model.device();
     let view = kv.view(tables.iter());
     let batch = tables.len();
-    let q = Tensor::randn(0f32, 1f32, (batch, cfg.num_attention_heads, cfg.head_dim), device)?.to_dtype(m.model.dtype())?;
+    let q =
+        Tensor::randn(0f32, 1f32, (batch, cfg.num_attention_heads, cfg.head_dim), device)?.to_dtype(m.model.dtype())?;
     let max_blocks = view.tables.iter().map(|t| t.len()).max().unwrap_or(1);
     let mut flat = vec![0u32; batch * max_blocks];
     for (i, t) in view.tables.iter().enumerate() {

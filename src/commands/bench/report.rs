@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::BenchRun;
 use crate::cli::BenchArgs;
-use crate::engine::loader::LoadedModel;
+use crate::engine::load::LoadedModel;
 
 const GB: f64 = 1e9;
 
@@ -20,7 +20,10 @@ pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
     );
     println!("weights read per decode step: {:.2} GB ({} parameters)", run.weight_bytes / GB, m.model.num_parameters());
     if let Some(c) = run.ceilings {
-        let mm = c.matmul_flop_per_s.map(|f| format!(", {:?} matmul 8192^3 {:.0} TFLOP/s", run.dtype, f / 1e12)).unwrap_or_default();
+        let mm = c
+            .matmul_flop_per_s
+            .map(|f| format!(", {:?} matmul 8192^3 {:.0} TFLOP/s", run.dtype, f / 1e12))
+            .unwrap_or_default();
         println!("measured here: copy {:.0} GB/s (read + write){mm}", c.copy_bytes_per_s / GB);
     }
     println!();
@@ -77,9 +80,11 @@ pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serd
         "device_name": run.device_name, "dtype": format!("{:?}", run.dtype), "lora_rank": args.lora_rank});
     for p in &run.decode {
         let f = floor_ms(run, p.floor_bytes);
-        lines.push(json!({"what": "decode", "run": common, "batch": p.batch, "adapters": p.adapters, "context": p.context,
+        lines.push(
+            json!({"what": "decode", "run": common, "batch": p.batch, "adapters": p.adapters, "context": p.context,
                    "step_ms": p.step_ms, "floor_ms": f, "floor_ratio": f.map(|f| p.step_ms / f),
-                   "floor_GB": p.floor_bytes / GB, "tokens_per_s": p.batch as f64 / (p.step_ms / 1e3)}));
+                   "floor_GB": p.floor_bytes / GB, "tokens_per_s": p.batch as f64 / (p.step_ms / 1e3)}),
+        );
     }
     for p in &run.prefill {
         let rate = run.ceilings.and_then(|c| c.matmul_flop_per_s);
@@ -88,8 +93,10 @@ pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serd
                    "matmul_floor_ms": rate.map(|r| p.flop / r * 1e3)}));
     }
     for p in &run.profile {
-        lines.push(json!({"what": "profile", "run": common, "batch": p.batch, "context": p.context, "step_ms": p.step_ms,
-                          "enqueue_ms": p.enqueue_ms, "gemm_ms": p.gemm_ms, "attention_ms": p.attention_ms}));
+        lines.push(
+            json!({"what": "profile", "run": common, "batch": p.batch, "context": p.context, "step_ms": p.step_ms,
+                          "enqueue_ms": p.enqueue_ms, "gemm_ms": p.gemm_ms, "attention_ms": p.attention_ms}),
+        );
     }
     lines.push(json!({"what": "summary", "run": common, "load_s": run.load_s, "parameters": m.model.num_parameters(),
                "weight_GB_read_per_step": run.weight_bytes / GB,

@@ -25,7 +25,11 @@ pub struct Outcome {
 impl Outcome {
     /// A relative-error check: passes when `err` is finite and within `tol`.
     pub fn rel(name: impl Into<String>, err: f64, tol: f64) -> Self {
-        Self { name: name.into(), detail: format!("rel {err:.2e} (tol {tol:.0e})"), pass: err.is_finite() && err <= tol }
+        Self {
+            name: name.into(),
+            detail: format!("rel {err:.2e} (tol {tol:.0e})"),
+            pass: err.is_finite() && err <= tol,
+        }
     }
 
     /// An exact check (copies, ids, greedy tokens).

@@ -10,15 +10,15 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 
 use super::{rel_err, tolerance, Outcome};
-use crate::engine::config::LlamaConfig;
+use crate::engine::kv::paged::{BlockTable, PagedKvCache};
+use crate::engine::load::source::local_dir_files;
+use crate::engine::load::weights;
+use crate::engine::lora::op::LoraWeights;
+use crate::engine::lora::slots::SlotBank;
 use crate::engine::lora::LoraAdapter;
-use crate::engine::lora_op::LoraWeights;
-use crate::engine::lora_slots::SlotBank;
+use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::{Llama, LogitsAt, PackedBatch};
-use crate::engine::paged_kv::{BlockTable, PagedKvCache};
-use crate::engine::sampler::argmax;
-use crate::engine::source::local_dir_files;
-use crate::engine::weights;
+use crate::engine::sampling::argmax;
 
 /// Shapes under test: the 8B's attention geometry (head_dim 128, 4 query heads per KV head)
 /// at toy width, and the tiny preset (head_dim 16, 2 per group).
@@ -56,8 +56,15 @@ fn random_tensors(cfg: &LlamaConfig, seed: u64) -> anyhow::Result<HashMap<String
 /// The model on `device`; `paged` = attention through the in-place paged path (the device
 /// path under test; on the CPU its ops run their reference forms, so `--device cpu` checks the
 /// plan itself) rather than the per-sequence path (the reference).
-fn build(t: &HashMap<String, Tensor>, cfg: &LlamaConfig, dtype: DType, device: &Device, paged: bool) -> anyhow::Result<Llama> {
-    let moved = t.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?))).collect::<anyhow::Result<_>>()?;
+fn build(
+    t: &HashMap<String, Tensor>,
+    cfg: &LlamaConfig,
+    dtype: DType,
+    device: &Device,
+    paged: bool,
+) -> anyhow::Result<Llama> {
+    let moved =
+        t.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?))).collect::<anyhow::Result<_>>()?;
     Ok(Llama::load(VarBuilder::from_tensors(moved, dtype, device), cfg)?.with_paged_kernels(paged))
 }
 
@@ -77,8 +84,12 @@ pub fn logits(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Ou
     for (label, cfg) in configs() {
         let t = random_tensors(&cfg, seed)?;
         // The reference gets the same (dtype-rounded) weights, so only the compute differs.
-        let rounded = t.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_dtype(DType::F32)?))).collect::<anyhow::Result<_>>()?;
-        let (cpu, dev) = (build(&rounded, &cfg, DType::F32, &Device::Cpu, false)?, build(&t, &cfg, dtype, device, true)?);
+        let rounded = t
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_dtype(DType::F32)?)))
+            .collect::<anyhow::Result<_>>()?;
+        let (cpu, dev) =
+            (build(&rounded, &cfg, DType::F32, &Device::Cpu, false)?, build(&t, &cfg, dtype, device, true)?);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let prompt: Vec<u32> = (0..37).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect();
         let (mut kv_c, mut tab_c) = pool(&cpu, 1, 64)?;
@@ -95,7 +106,11 @@ pub fn logits(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Ou
             same_greedy &= argmax(&w) == argmax(&g);
             input = vec![argmax(&w)];
         }
-        out.push(Outcome::rel(format!("llama {label} {dtype:?}: prefill 37 + 6 decodes, logits"), worst, 5.0 * tolerance(dtype)));
+        out.push(Outcome::rel(
+            format!("llama {label} {dtype:?}: prefill 37 + 6 decodes, logits"),
+            worst,
+            5.0 * tolerance(dtype),
+        ));
         if dtype == DType::F32 {
             out.push(Outcome::exact(format!("llama {label} {dtype:?}: greedy tokens"), same_greedy, "equal to CPU"));
         }
@@ -128,8 +143,10 @@ pub fn batch_invariance(device: &Device, dtype: DType, seed: u64) -> anyhow::Res
             Case { history: ids(9), chunk: ids(1), slot: None },
             Case { history: ids(10), chunk: ids(7), slot: Some(0) },
         ];
-        let alone: Vec<Vec<u32>> =
-            cases.iter().map(|c| continue_greedy(&model, &bank, std::slice::from_ref(c), 6).map(|mut v| v.remove(0))).collect::<anyhow::Result<_>>()?;
+        let alone: Vec<Vec<u32>> = cases
+            .iter()
+            .map(|c| continue_greedy(&model, &bank, std::slice::from_ref(c), 6).map(|mut v| v.remove(0)))
+            .collect::<anyhow::Result<_>>()?;
         let together = continue_greedy(&model, &bank, &cases, 6)?;
         let same = alone.iter().zip(&together).filter(|(a, b)| a == b).count();
         out.push(Outcome::exact(
@@ -195,12 +212,19 @@ pub fn peft_parity(device: &Device, dtype: DType, fixtures: &Path) -> anyhow::Re
     let (rslora, subset) = (load("rslora")?, load("subset")?);
     let mut worst = [0f64; 3];
     for case in &exp.cases {
-        for (k, (adapter, want)) in [(None, &case.base), (Some(&rslora), &case.rslora), (Some(&subset), &case.subset)].into_iter().enumerate() {
+        for (k, (adapter, want)) in
+            [(None, &case.base), (Some(&rslora), &case.rslora), (Some(&subset), &case.subset)].into_iter().enumerate()
+        {
             let (mut kv, mut tables) = pool(&model, 1, case.ids.len())?;
             let mut b = PackedBatch::default();
             b.push_with_slot(&case.ids, 0, adapter.map(|_| 0));
             let list: Vec<&LoraAdapter> = adapter.into_iter().collect();
-            let got = model.forward_lora(&b, &mut kv.batch(tables.iter_mut().collect()), Some(&list as &dyn LoraWeights), LogitsAt::All)?;
+            let got = model.forward_lora(
+                &b,
+                &mut kv.batch(tables.iter_mut().collect()),
+                Some(&list as &dyn LoraWeights),
+                LogitsAt::All,
+            )?;
             worst[k] = worst[k].max(rel_err(&got, &Tensor::new(want.clone(), &Device::Cpu)?)?);
         }
     }
@@ -208,6 +232,8 @@ pub fn peft_parity(device: &Device, dtype: DType, fixtures: &Path) -> anyhow::Re
     Ok(["base", "rslora r8", "subset r4"]
         .iter()
         .zip(worst)
-        .map(|(name, err)| Outcome::rel(format!("PEFT parity tiny-llama {name} {dtype:?} ({} cases)", exp.cases.len()), err, tol))
+        .map(|(name, err)| {
+            Outcome::rel(format!("PEFT parity tiny-llama {name} {dtype:?} ({} cases)", exp.cases.len()), err, tol)
+        })
         .collect())
 }

@@ -1,8 +1,8 @@
 //! Op-level checks: candle's device ops on the hot path, our kernels, the greedy sampler.
 
 use candle_core::{DType, Device, Tensor, D};
-use rand::seq::SliceRandom;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::{randn, rel_err, tolerance, Outcome};
@@ -24,7 +24,11 @@ pub fn candle_ops(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Ve
     let mut out = Vec::new();
     let (x, xd) = pair(rng, &[37, 4096], device, dtype)?;
     let (w, wd) = pair(rng, &[1024, 4096], device, dtype)?;
-    out.push(Outcome::rel(name("matmul 37x4096 @ 4096x1024^T"), rel_err(&xd.matmul(&wd.t()?)?, &x.matmul(&w.t()?)?)?, tol));
+    out.push(Outcome::rel(
+        name("matmul 37x4096 @ 4096x1024^T"),
+        rel_err(&xd.matmul(&wd.t()?)?, &x.matmul(&w.t()?)?)?,
+        tol,
+    ));
     let (g, gd) = pair(rng, &[4096], device, dtype)?;
     let rms = |x: &Tensor, g: &Tensor| candle_nn::ops::rms_norm(x, g, 1e-5);
     out.push(Outcome::rel(name("rms_norm 37x4096"), rel_err(&rms(&xd, &gd)?, &rms(&x, &g)?)?, tol));
@@ -36,7 +40,11 @@ pub fn candle_ops(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Ve
     // As attention runs it: scores in the run dtype, softmax in f32.
     let sm = |x: &Tensor| candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?);
     out.push(Outcome::rel(name("softmax_last_dim (f32) of 37x4096"), rel_err(&sm(&xd)?, &sm(&x)?)?, tol));
-    out.push(Outcome::rel(name("silu 37x4096"), rel_err(&candle_nn::ops::silu(&xd)?, &candle_nn::ops::silu(&x)?)?, tol));
+    out.push(Outcome::rel(
+        name("silu 37x4096"),
+        rel_err(&candle_nn::ops::silu(&xd)?, &candle_nn::ops::silu(&x)?)?,
+        tol,
+    ));
     let idx: Vec<u32> = (0..37).rev().map(|i| (i * 7 % 37) as u32).collect();
     let (i, id) = (Tensor::new(idx.as_slice(), &Device::Cpu)?, Tensor::new(idx.as_slice(), device)?);
     let equal = rel_err(&xd.index_select(&id, 0)?, &x.index_select(&i, 0)?)? == 0.0;
@@ -99,14 +107,17 @@ pub fn greedy_sampler(device: &Device, seed: u64) -> anyhow::Result<Vec<Outcome>
     let logits = randn(&mut StdRng::seed_from_u64(seed ^ 0x5a), &[33, 128_256], 3.0)?;
     let got = logits.to_device(device)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
     let want: Vec<u32> = (0..33)
-        .map(|r| Ok(crate::engine::sampler::argmax(&logits.get(r)?.to_vec1::<f32>()?)))
+        .map(|r| Ok(crate::engine::sampling::argmax(&logits.get(r)?.to_vec1::<f32>()?)))
         .collect::<anyhow::Result<_>>()?;
     let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
-    let mut out =
-        vec![Outcome::exact("greedy argmax on the device, 33 x 128256 logits", same == want.len(), format!("{same}/33 equal"))];
+    let mut out = vec![Outcome::exact(
+        "greedy argmax on the device, 33 x 128256 logits",
+        same == want.len(),
+        format!("{same}/33 equal"),
+    )];
     // The batched sampler (greedy, temperature, top-k, top-p rows mixed) against its CPU
     // reference on the same uniforms: exact by construction (fixed-point masses).
-    let (equal, rows) = crate::engine::sampling_op::check_against_reference(device, seed)?;
+    let (equal, rows) = crate::engine::sampling::op::check_against_reference(device, seed)?;
     out.push(Outcome::exact(
         "sample_on_device (t, top-k, top-p mixed), 33 x 128256 logits",
         equal == rows,

@@ -5,10 +5,10 @@ pub mod paged_ops;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::kv_cache::PagedView;
-use super::layers::{at_least_f32, OpsMode};
-use super::model::PackedBatch;
-use super::{EngineError, Result};
+use crate::engine::kv::PagedView;
+use crate::engine::model::layers::{at_least_f32, OpsMode};
+use crate::engine::model::PackedBatch;
+use crate::engine::{EngineError, Result};
 use paged_ops::DecodeMeta;
 
 /// Causal attention of one sequence: `q: [L, H, D]`, `k, v: [S, KVH, D]` with `S = past + L`;
@@ -87,7 +87,10 @@ impl PagedPlan {
         for (i, span) in batch.seqs.iter().enumerate() {
             let (table, past) = (&view.tables[i], view.past[i]);
             if span.past_len != past {
-                return Err(EngineError::Weights(format!("sequence {i} is at {past} in the pool, batch says {}", span.past_len)));
+                return Err(EngineError::Weights(format!(
+                    "sequence {i} is at {past} in the pool, batch says {}",
+                    span.past_len
+                )));
             }
             let end = past + span.len;
             if end.div_ceil(bs) > table.len() {
@@ -148,7 +151,7 @@ impl PagedPlan {
         Ok(o)
     }
 
-    /// New positions per sequence, for [`super::kv_cache::KvStore::commit`].
+    /// New positions per sequence, for [`crate::engine::kv::KvStore::commit`].
     pub fn new_lens(&self) -> &[usize] {
         &self.new_lens
     }
@@ -171,7 +174,12 @@ fn decode_meta(rows: &[u32], ctx: &[u32], tables: &[&[u32]], bs: usize, device: 
 }
 
 /// The permutation that puts `[decode rows; prefill chunks in order]` back in packed order.
-fn packed_order(batch: &PackedBatch, decode_rows: &[u32], prefill: &[PrefillSeq], device: &Device) -> Result<Option<Tensor>> {
+fn packed_order(
+    batch: &PackedBatch,
+    decode_rows: &[u32],
+    prefill: &[PrefillSeq],
+    device: &Device,
+) -> Result<Option<Tensor>> {
     let n = batch.tokens.len();
     let mut order = vec![0u32; n];
     let mut next = 0u32;

@@ -89,7 +89,7 @@ impl InplaceOp3 for WriteKv {
         slots: &candle_core::CudaStorage,
         ol: &Layout,
     ) -> candle_core::Result<()> {
-        super::super::cuda::kernels::write_kv(cache, cl, src, sl, slots, ol)
+        crate::engine::cuda::kernels::write_kv(cache, cl, src, sl, slots, ol)
     }
 }
 
@@ -128,7 +128,8 @@ impl CustomOp3 for PagedDecode {
         let rows = meta.rows.to_vec1::<u32>()?;
         let tables = meta.tables.flatten_all()?.to_vec1::<u32>()?;
         let ctx = meta.ctx.to_vec1::<u32>()?;
-        let out = decode_reference(&qf, &kf, &vf, &rows, &tables, &ctx, (meta.max_blocks, meta.block_size), (h, kvh, d));
+        let out =
+            decode_reference(&qf, &kf, &vf, &rows, &tables, &ctx, (meta.max_blocks, meta.block_size), (h, kvh, d));
         let shape = Shape::from((rows.len(), h, d));
         let storage = match q {
             CpuStorage::F32(_) => CpuStorage::F32(out),
@@ -149,7 +150,7 @@ impl CustomOp3 for PagedDecode {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::super::cuda::kernels::paged_decode(q, ql, k, kl, v, vl, &self.meta)
+        crate::engine::cuda::kernels::paged_decode(q, ql, k, kl, v, vl, &self.meta)
     }
 }
 

@@ -62,7 +62,8 @@ pub fn write_kv(
     let (c0, cn) = contiguous(cl)?;
     let (s0, sn) = contiguous(sl)?;
     let total = n * width;
-    let cfg = LaunchConfig { grid_dim: (total.div_ceil(256).min(65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg =
+        LaunchConfig { grid_dim: (total.div_ceil(256).min(65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     macro_rules! launch {
         ($t:ty) => {{
             let src = src.as_cuda_slice::<$t>()?.slice(s0..s0 + sn);
@@ -95,7 +96,9 @@ pub fn paged_decode(
     let kvh = kl.shape().dims3()?.1;
     let m = meta.rows.dim(0)?;
     if d > 256 || h % kvh != 0 || h / kvh > 8 {
-        candle_core::bail!("paged decode kernel: head_dim {d} (max 256), {h} heads over {kvh} kv heads (max 8 per group)");
+        candle_core::bail!(
+            "paged decode kernel: head_dim {d} (max 256), {h} heads over {kvh} kv heads (max 8 per group)"
+        );
     }
     let npl = match d.div_ceil(32) {
         1 => 1,
@@ -164,7 +167,11 @@ pub fn paged_decode(
             b.arg(&max_blocks).arg(&bs).arg(&hu).arg(&kvhu).arg(&du).arg(&scale);
             unsafe { b.launch(cfg) }.w()?;
             if let Some(merge) = &merge {
-                let cfg = LaunchConfig { grid_dim: ((m * h) as u32, 1, 1), block_dim: (du.min(256), 1, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig {
+                    grid_dim: ((m * h) as u32, 1, 1),
+                    block_dim: (du.min(256), 1, 1),
+                    shared_mem_bytes: 0,
+                };
                 let mut b = merge.builder();
                 b.arg(&out).arg(&part).arg(&splits).arg(&du);
                 unsafe { b.launch(cfg) }.w()?;

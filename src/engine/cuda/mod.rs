@@ -7,7 +7,7 @@ pub mod kernels;
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::Device;
 
-use super::{EngineError, Result};
+use crate::engine::{EngineError, Result};
 
 /// Opens CUDA device `ordinal` the way the engine needs it.
 ///

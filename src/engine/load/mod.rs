@@ -1,14 +1,19 @@
 //! One call from a `--model` value to a ready model + tokenizer.
 
+pub mod gguf;
+pub mod hub;
+pub mod source;
+pub mod weights;
+
 use std::path::Path;
 
 use candle_core::{DType, Device};
 
-use super::gguf::GgufFile;
-use super::model::Llama;
-use super::source::{resolve, ModelFiles, ModelSource, DEFAULT_MODEL_NAME};
-use super::tokenizer::Tokenizer;
-use super::Result;
+use crate::engine::load::gguf::GgufFile;
+use crate::engine::load::source::{resolve, ModelFiles, ModelSource, DEFAULT_MODEL_NAME};
+use crate::engine::model::Llama;
+use crate::engine::text::tokenizer::Tokenizer;
+use crate::engine::Result;
 
 /// A model ready to run, with the tokenizer that belongs to it.
 pub struct LoadedModel {
@@ -30,7 +35,7 @@ pub const BYTE_LEVEL_LABEL: &str = "built-in byte-level (no default model cached
 /// Resolves `source` (fetching if needed) and loads weights in `dtype` on `device`.
 pub fn load_model(source: &ModelSource, home: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let files = resolve(source, home)?;
-    let (cfg, vb) = super::weights::open(&files, dtype, device)?;
+    let (cfg, vb) = crate::engine::load::weights::open(&files, dtype, device)?;
     let model = Llama::load(vb, &cfg)?;
     let (tokenizer, tokenizer_label) = match &files {
         ModelFiles::Safetensors { tokenizer, tokenizer_config, .. } => (
@@ -59,7 +64,7 @@ mod tests {
 
     #[test]
     fn synthetic_without_a_cached_default_loads_the_byte_level_tokenizer() {
-        let home = super::super::source::tests::empty_home("loader-home");
+        let home = crate::engine::load::source::tests::empty_home("loader-home");
         let m = load_model(&ModelSource::Synthetic("tiny".into()), &home, DType::F32, &Device::Cpu).unwrap();
         assert!(m.synthetic);
         assert_eq!(m.tokenizer_label, BYTE_LEVEL_LABEL);

@@ -13,8 +13,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
-use super::gguf::GgufFile;
-use super::{EngineError, Result};
+use crate::engine::load::gguf::GgufFile;
+use crate::engine::{EngineError, Result};
 
 /// One chat turn, as in the OpenAI `messages` array.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

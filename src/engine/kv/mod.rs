@@ -1,9 +1,11 @@
 //! KV storage behind the attention: the forward asks a [`KvStore`] to keep a chunk's keys and
 //! values and to hand back every position of that sequence so far.
 
+pub mod paged;
+
 use candle_core::Tensor;
 
-use super::Result;
+use crate::engine::Result;
 
 /// Where attention keeps keys/values between steps.
 ///

@@ -1,16 +1,19 @@
 //! The Llama decoder over a packed batch: many sequences of different lengths, each at its own
 //! position, in one forward (prefill chunks and decode tokens mixed).
 
+pub mod config;
+pub mod layers;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{causal_mask, paged_ops, sdpa, PagedPlan};
-use super::config::LlamaConfig;
-use super::kv_cache::KvStore;
-use super::layers::{at_least_f32, OpsMode, Proj, RmsNorm, Rope, RopeTable};
-use super::lora::{LoraModule, ProjKey};
-use super::lora_op::{apply_lora, LoraWeights, RowGroups};
-use super::Result;
+use crate::engine::attention::{causal_mask, paged_ops, sdpa, PagedPlan};
+use crate::engine::kv::KvStore;
+use crate::engine::lora::op::{apply_lora, LoraWeights, RowGroups};
+use crate::engine::lora::{LoraModule, ProjKey};
+use crate::engine::model::config::LlamaConfig;
+use crate::engine::model::layers::{at_least_f32, OpsMode, Proj, RmsNorm, Rope, RopeTable};
+use crate::engine::Result;
 
 /// One sequence's slice of a packed batch: `len` new tokens starting at position `past_len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +198,7 @@ impl Llama {
     }
 
     /// [`Llama::forward`] with adapters: sequence `i` uses slot `batch.seqs[i].slot` of `lora`
-    /// on every projection that adapter targets (see [`super::lora_op`] for the semantics).
+    /// on every projection that adapter targets (see [`crate::engine::lora::op`] for the semantics).
     pub fn forward_lora(
         &self,
         batch: &PackedBatch,
@@ -277,8 +280,9 @@ impl Llama {
             let (k_all, v_all) =
                 kv.store_and_fetch(s, layer, &k.narrow(0, start, span.len)?, &v.narrow(0, start, span.len)?)?;
             let keys = k_all.dim(0)?;
-            let mask =
-                (span.len > 1).then(|| causal_mask(span.len, keys, span.past_len, self.dtype, &self.device)).transpose()?;
+            let mask = (span.len > 1)
+                .then(|| causal_mask(span.len, keys, span.past_len, self.dtype, &self.device))
+                .transpose()?;
             outs.push(sdpa(&q.narrow(0, start, span.len)?, &k_all, &v_all, mask.as_ref(), self.mode)?);
             start += span.len;
         }
@@ -313,7 +317,10 @@ impl Llama {
         let mut out = Vec::with_capacity(7 * self.layers.len() + 1);
         for b in &self.layers {
             let (a, m) = (&b.self_attn, &b.mlp);
-            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj].map(|p| p.weight()));
+            out.extend(
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .map(|p| p.weight()),
+            );
         }
         out.push(self.lm_head.weight());
         out

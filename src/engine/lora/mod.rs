@@ -5,13 +5,17 @@
 //! `...mlp.{gate,up,down}_proj...`; `A: [r, in]`, `B: [out, r]`; the update is
 //! `W' = W + s * B A` with `s = alpha / r` (or `alpha / sqrt(r)` with `use_rslora`).
 
+pub mod op;
+pub mod registry;
+pub mod slots;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::config::LlamaConfig;
+use crate::engine::model::config::LlamaConfig;
 
 /// The seven projections a LoRA may target, in PEFT's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

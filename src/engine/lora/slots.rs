@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::LlamaConfig;
-use super::lora::{LoraAdapter, LoraModule, ProjKey};
-use super::lora_op::LoraWeights;
-use super::{EngineError, Result};
+use crate::engine::lora::op::LoraWeights;
+use crate::engine::lora::{LoraAdapter, LoraModule, ProjKey};
+use crate::engine::model::config::LlamaConfig;
+use crate::engine::{EngineError, Result};
 
 #[derive(Debug, Clone)]
 struct SlotMeta {

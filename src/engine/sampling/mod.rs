@@ -1,13 +1,15 @@
 //! Next-token choice: greedy, temperature, top-k, top-p, seeded; and when to stop.
 
+pub mod op;
+
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::sampling_op::{sample_on_device, RowParam, RowParams};
-use super::Result;
+use crate::engine::sampling::op::{sample_on_device, RowParam, RowParams};
+use crate::engine::Result;
 
 /// What a request asks of sampling and stopping (OpenAI / vLLM semantics).
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,7 @@
 //! Incremental detokenization with stop strings: token ids in, safe-to-show text out.
 
-use super::tokenizer::Tokenizer;
-use super::Result;
+use crate::engine::text::tokenizer::Tokenizer;
+use crate::engine::Result;
 
 /// Turns a growing list of output ids into text deltas.
 ///

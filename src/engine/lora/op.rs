@@ -21,8 +21,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 
-use super::lora::{LoraAdapter, ProjKey};
-use super::Result;
+use crate::engine::lora::{LoraAdapter, ProjKey};
+use crate::engine::Result;
 
 /// Where the forward finds adapter weights by slot.
 pub trait LoraWeights {

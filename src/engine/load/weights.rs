@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::LlamaConfig;
-use super::gguf::GgufFile;
-use super::source::ModelFiles;
-use super::{EngineError, Result};
+use crate::engine::load::gguf::GgufFile;
+use crate::engine::load::source::ModelFiles;
+use crate::engine::model::config::LlamaConfig;
+use crate::engine::{EngineError, Result};
 
 /// Every weight of a Llama with `cfg`'s shape: HF name and `[out, in]`-style shape.
 ///

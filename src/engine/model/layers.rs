@@ -7,8 +7,8 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::config::{Llama3RopeScaling, LlamaConfig};
-use super::Result;
+use crate::engine::model::config::{Llama3RopeScaling, LlamaConfig};
+use crate::engine::Result;
 
 /// Which kernels the forward uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,9 +6,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::LlamaConfig;
-use super::kv_cache::{KvStore, PagedView};
-use super::{EngineError, Result};
+use crate::engine::kv::{KvStore, PagedView};
+use crate::engine::model::config::LlamaConfig;
+use crate::engine::{EngineError, Result};
 
 /// Blocks owned by one sequence and how many positions they hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

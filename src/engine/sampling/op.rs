@@ -135,7 +135,7 @@ impl CustomOp1 for SampleRows {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::kernels::sample_rows(s, l, &self.params)
+        crate::engine::cuda::kernels::sample_rows(s, l, &self.params)
     }
 }
 
@@ -304,7 +304,7 @@ pub fn check_against_reference(device: &Device, seed: u64) -> Result<(usize, usi
 #[cfg(test)]
 mod sampler_tests {
     use super::*;
-    use crate::engine::sampler::argmax;
+    use crate::engine::sampling::argmax;
 
     fn p(temperature: f32, top_k: u32, top_p: f32, u: f32) -> RowParam {
         RowParam { temperature, top_k, top_p, u }

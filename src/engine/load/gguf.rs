@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 
-use super::config::LlamaConfig;
-use super::{EngineError, Result};
+use crate::engine::model::config::LlamaConfig;
+use crate::engine::{EngineError, Result};
 
 /// An opened GGUF file: its parsed header and the path to read tensors from.
 pub struct GgufFile {

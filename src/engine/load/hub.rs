@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::source::{local_dir_files, ModelFiles};
-use super::{EngineError, Result};
+use crate::engine::load::source::{local_dir_files, ModelFiles};
+use crate::engine::{EngineError, Result};
 
 const FILES: [&str; 2] = ["config.json", "tokenizer.json"];
 const OPTIONAL: [&str; 2] = ["tokenizer_config.json", "model.safetensors.index.json"];

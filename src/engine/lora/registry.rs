@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use super::lora::{LoraAdapter, LoraError};
-use super::lora_slots::SlotBank;
-use super::Result;
+use crate::engine::lora::slots::SlotBank;
+use crate::engine::lora::{LoraAdapter, LoraError};
+use crate::engine::Result;
 
 /// Tier sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::EngineError;
+use crate::engine::EngineError;
 
 /// Llama-3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]

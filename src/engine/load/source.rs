@@ -11,8 +11,8 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use super::config::LlamaConfig;
-use super::{EngineError, Result};
+use crate::engine::model::config::LlamaConfig;
+use crate::engine::{EngineError, Result};
 
 /// Name under which the embedded default is reported.
 pub const DEFAULT_MODEL_NAME: &str = "SmolLM2-135M-Instruct";
@@ -124,7 +124,7 @@ pub fn resolve(source: &ModelSource, home: &Path) -> Result<ModelFiles> {
         }
         ModelSource::Gguf(path) => Ok(ModelFiles::Gguf { name: file_stem(path), path: path.clone() }),
         ModelSource::LocalDir(dir) => local_dir_files(dir, &file_stem(dir)),
-        ModelSource::Hub { repo, revision } => super::hub::fetch(repo, revision.as_deref()),
+        ModelSource::Hub { repo, revision } => crate::engine::load::hub::fetch(repo, revision.as_deref()),
         // Never fetched for a synthetic model: its outputs are meaningless, so any tokenizer will
         // do, and the default's is only preferred because it is realistic (and tests expect it).
         ModelSource::Synthetic(preset) => {
