@@ -74,6 +74,16 @@ if [[ $MODE == quick || $MODE == full || $MODE == compiled ]]; then
   echo "serve exit code: $?" | tee -a "$OUT/serve.txt"
 fi
 
+if [[ $MODE == quick ]]; then
+  # Not yet tuned for CUDA (issue 8/8), but it must run or fail with one line, never panic.
+  log "lab train-lora --device cuda (smoke, synthetic:tiny, 3 steps)"
+  $LAB train-lora --device cuda --model synthetic:tiny --domain A --max-steps 3 --batch-size 2 --max-seq-len 2048 \
+    --out /tmp/lab-gpu/adapter-a 2>&1 | tail -4 | tee "$OUT/train.txt"
+  echo "train exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/train.txt"
+  $LAB generate --device cuda --model synthetic:tiny --adapter /tmp/lab-gpu/adapter-a --prompt "hi" --max-tokens 4 --json \
+    2>&1 | tail -2 | tee -a "$OUT/train.txt"
+fi
+
 if [[ $MODE == full ]]; then
   log "peer: transformers + PEFT eager (../shared/bench/peer_hf.py)"
   timeout 300 python3 scratch/gpu/peer_hf.py 2>&1 | grep '^{' | tee "$OUT/peer_hf.jsonl"
