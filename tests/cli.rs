@@ -80,5 +80,8 @@ fn selftest_on_the_cpu_passes_every_check() {
 #[test]
 fn cuda_without_the_feature_is_one_line() {
     assert_one_line_error(&["selftest", "--device", "cuda"], "without CUDA");
-    assert_one_line_error(&["generate", "--device", "cuda", "--model", "synthetic:tiny", "--prompt", "hi"], "without CUDA");
+    assert_one_line_error(
+        &["generate", "--device", "cuda", "--model", "synthetic:tiny", "--prompt", "hi"],
+        "without CUDA",
+    );
 }
