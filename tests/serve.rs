@@ -423,3 +423,34 @@ fn sigterm_stops_accepting_and_lets_in_flight_streams_finish() {
     assert_eq!(s.wait_exit(20), Some(0), "the server exits once in-flight work is done");
     assert!(s.log.lock().unwrap().iter().any(|l| l.contains("shutting down")));
 }
+
+/// A request with a temperature or nucleus too small for floating point (`1e-39`, `1e-300`)
+/// samples greedily, as vLLM does below 1e-5, and its neighbours in the batch are untouched
+/// (before: `logits / 1e-39` overflowed, the sampling error failed every running request).
+#[test]
+fn vanishing_temperature_or_top_p_is_greedy_and_hurts_no_neighbour() {
+    let s = &Server::tiny(&[]);
+    let prompt = "Tell me about tiny numbers";
+    let greedy = s.chat(BASE, prompt, 12).0;
+    std::thread::scope(|scope| {
+        let neighbours: Vec<_> = (0..4)
+            .map(|i| {
+                let mut body = chat_body(BASE, &format!("stream {i}"), 24);
+                body["stream"] = json!(true);
+                scope.spawn(move || s.chat_stream(&body))
+            })
+            .collect();
+        for poison in [json!({"temperature": 1e-39}), json!({"temperature": 1.0, "top_p": 1e-300})] {
+            let mut body = chat_body(BASE, prompt, 12);
+            body.as_object_mut().unwrap().extend(poison.as_object().unwrap().clone());
+            let (status, v) = s.post("/v1/chat/completions", &body);
+            assert_eq!(status, 200, "{poison}: {v}");
+            assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), greedy, "{poison} is greedy");
+        }
+        for h in neighbours {
+            let (_, finish, events) = h.join().unwrap();
+            assert_eq!(finish, "length");
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        }
+    });
+}

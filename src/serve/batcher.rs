@@ -249,10 +249,22 @@ impl EngineState {
                 .collect(),
         );
         let picks = DeviceSampling::new(&logits, &params)?;
+        // A row that cannot be sampled is that request's failure alone: it ends with its error
+        // and the rest of the batch carries on.
         let mut sampled = Vec::with_capacity(sampling);
+        let mut failed = Vec::new();
         for (row, s) in plan.batch.iter().filter(|s| s.sample).enumerate() {
             let live = self.live.get_mut(&s.id).expect("scheduled requests are live");
-            sampled.push((s.id, live.sampler.sample_row(&logits, row, &picks)?));
+            match live.sampler.sample_row(&logits, row, &picks) {
+                Ok(tok) => sampled.push((s.id, tok)),
+                Err(e) => failed.push((s.id, e)),
+            }
+        }
+        for (id, e) in failed {
+            tracing::warn!("sampling failed for one request: {e}");
+            // The first line only: candle appends a backtrace when RUST_BACKTRACE is set.
+            let cause = e.to_string().lines().next().unwrap_or_default().to_string();
+            self.end(id, Err(ApiError::Internal(format!("sampling failed for this request: {cause}"))));
         }
         self.e.scheduler.complete(plan, &sampled);
         let prefill: usize = plan

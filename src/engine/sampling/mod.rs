@@ -44,6 +44,11 @@ pub enum FinishReason {
     Length,
 }
 
+/// Temperatures below this sample greedily.
+pub const GREEDY_BELOW: f64 = 1e-5;
+/// Smallest nucleus mass kept by top-p (smaller values act as this one).
+const MIN_TOP_P: f64 = 1e-6;
+
 /// Picks tokens from logits according to [`SamplingParams`].
 ///
 /// On the CPU, [`Sampler::sample`] (candle's `LogitsProcessor`, seeded by `seed`). On CUDA the
@@ -60,8 +65,13 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(p: &SamplingParams) -> Self {
-        let t = p.temperature;
-        let top_p = (p.top_p > 0.0 && p.top_p < 1.0).then_some(p.top_p);
+        // Below GREEDY_BELOW, `logits / t` overflows to inf/NaN (1e-39 did, failing the whole
+        // batch): such a temperature means greedy, as in vLLM (`_SAMPLING_EPS`).
+        let t = if p.temperature < GREEDY_BELOW { 0.0 } else { p.temperature };
+        // A tiny nucleus keeps the top token; clamped so f32 (the device path) cannot round it
+        // to 0, which would mean "off". 1e-6 is below the top token's share of any vocabulary
+        // under a million tokens, so the set is unchanged.
+        let top_p = (p.top_p > 0.0 && p.top_p < 1.0).then_some(p.top_p.max(MIN_TOP_P));
         let top_k = (p.top_k > 0).then_some(p.top_k);
         let sampling = match (top_k, top_p) {
             _ if t <= 0.0 => Sampling::ArgMax,
