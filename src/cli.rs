@@ -37,6 +37,11 @@ pub enum Command {
     Datasets(DatasetsArgs),
 }
 
+/// A `usize` flag that must be at least 1 (0 would divide by zero or never schedule anything).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 /// `lab datasets generate`.
 #[derive(Debug, Clone, Args)]
 pub struct DatasetsArgs {
@@ -86,16 +91,16 @@ pub struct ServeArgs {
     /// Parsed adapters kept in host memory (default: 4 x --max-loras).
     #[arg(long)]
     pub max_cpu_loras: Option<usize>,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one())]
     pub max_lora_rank: usize,
     /// Sequences in the running batch at most.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one())]
     pub max_num_seqs: usize,
     /// Context length (prompt + output) at most (default: the model's, capped by the KV cache).
     #[arg(long)]
     pub max_model_len: Option<usize>,
     /// Tokens in one step at most (prefill chunks + decode tokens).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one())]
     pub max_num_batched_tokens: usize,
     /// Share of device memory for weights + KV cache (CUDA; on CPU use --kv-cache-memory).
     #[arg(long, default_value_t = 0.9)]
@@ -104,7 +109,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub kv_cache_memory: Option<String>,
     /// Positions per KV block.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one())]
     pub block_size: usize,
     /// Waiting requests at most; beyond, 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]

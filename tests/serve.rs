@@ -171,6 +171,12 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             400,
             Some("max_tokens"),
         ),
+        // u64::MAX: `prompt + max_tokens` must not wrap past the context check.
+        (
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": u64::MAX}),
+            400,
+            Some("max_tokens"),
+        ),
         (json!({"model": BASE, "messages": "not a list"}), 400, None),
         (json!({"model": BASE, "messages": [{"role": "user", "content": "x".repeat(3000)}]}), 413, None),
     ];

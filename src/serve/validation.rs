@@ -150,10 +150,11 @@ impl Validator {
         }
         let max_tokens = match s.max_tokens {
             Some(0) => return Err(ApiError::bad("max_tokens", "`max_tokens` must be at least 1")),
-            Some(m) if p + m > limit => {
+            // `m > limit - p`, not `p + m > limit`: a max_tokens near usize::MAX must not wrap.
+            Some(m) if m > limit - p => {
                 return Err(ApiError::bad(
                     "max_tokens",
-                    format!("This model's maximum context length is {limit} tokens. However, you requested {} tokens ({p} in the {prompt_param}, {m} in the completion). Please reduce the length of the {prompt_param} or completion.", p + m),
+                    format!("This model's maximum context length is {limit} tokens. However, you requested {} tokens ({p} in the {prompt_param}, {m} in the completion). Please reduce the length of the {prompt_param} or completion.", p.saturating_add(m)),
                 ))
             }
             Some(m) => m,
