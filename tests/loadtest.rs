@@ -163,3 +163,33 @@ fn validate_scores_only_models_declared_with_a_domain() {
     }
     assert_eq!(r.steps[0].accuracy.keys().collect::<Vec<_>>(), vec!["A"]);
 }
+
+/// A fake OpenAI server whose every stream stops after one token: no `finish_reason`, no
+/// `[DONE]` (a crashed server or a cut proxy looks like this).
+fn truncating_server() -> (String, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(|| async {
+            let body = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}]}\n\n";
+            ([("content-type", "text/event-stream")], body).into_response()
+        }),
+    );
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, rt)
+}
+
+#[test]
+fn a_stream_that_stops_without_finishing_counts_as_an_error() {
+    let (url, _rt) = truncating_server();
+    let mut s = settings(&url, 1024);
+    s.duration_s = 0.5;
+    let r = lab::loadtest::run(&s).unwrap();
+    assert!(!r.requests.is_empty());
+    for q in &r.requests {
+        assert!(!q.measured.ok, "a truncated stream is not a success");
+        assert_eq!(q.measured.error.as_deref(), Some("truncated"));
+    }
+}

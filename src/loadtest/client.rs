@@ -83,6 +83,9 @@ pub async fn send(
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
     let mut chunks = 0usize;
     let mut usage_tokens = None;
+    // A stream is complete once it sent `[DONE]` or a `finish_reason`; one that just stops
+    // (server crash, proxy cut) is an error, not a short success.
+    let mut complete = false;
     while let Some(item) = stream.next().await {
         let bytes = match item {
             Ok(b) => b,
@@ -97,12 +100,16 @@ pub async fn send(
             let line = String::from_utf8_lossy(&line);
             let Some(data) = line.trim_end().strip_prefix("data:").map(str::trim) else { continue };
             if data == "[DONE]" {
+                complete = true;
                 continue;
             }
             let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
             if let Some(e) = v.get("error") {
                 fail(&mut m, "stream", e.to_string());
                 return m;
+            }
+            if v["choices"][0]["finish_reason"].is_string() {
+                complete = true;
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 usage_tokens = Some(n as usize);
@@ -116,6 +123,10 @@ pub async fn send(
                 m.text.push_str(piece);
             }
         }
+    }
+    if !complete {
+        fail(&mut m, "truncated", "the stream ended without a finish_reason or [DONE]".into());
+        return m;
     }
     let end = Instant::now();
     m.ok = true;
