@@ -216,6 +216,24 @@ fn every_refusal_names_its_cause() {
         });
         assert!(m.contains("NaN or Inf") && m.contains("down_proj"), "{tag}: {m}");
     }
+    // Arithmetic that cannot be served: r = 0 divides by zero, a huge alpha overflows.
+    let m = refusal("r0", |d| edit_config(d, |v| v["r"] = 0.into()));
+    assert!(m.contains("r must be at least 1"), "{m}");
+    let m = refusal("alpha", |d| edit_config(d, |v| v["lora_alpha"] = 1e30.into()));
+    assert!(m.contains("lora_alpha") && m.contains("scale"), "{m}");
+    // Finite in the file, infinite in the run dtype: f16 stops at 65504.
+    let model = random_llama(8);
+    let (_, a2) = two_adapters(&model);
+    let dir = saved(&a2, "f16");
+    edit_tensors(&dir, |t| {
+        let k = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight".to_string();
+        let mut v = t[&k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[0] = 1e6;
+        t.insert(k.clone(), Tensor::from_vec(v, t[&k].shape(), &Device::Cpu).unwrap());
+    });
+    let m = LoraAdapter::load(&dir, model.config(), 16, DType::F16, &Device::Cpu).unwrap_err().to_string();
+    assert!(m.contains("NaN or Inf") && m.contains("v_proj") && m.contains("F16"), "{m}");
+    assert!(LoraAdapter::load(&dir, model.config(), 16, DType::F32, &Device::Cpu).is_ok(), "fine in f32");
     let m = refusal("bin", |d| {
         std::fs::rename(d.join("adapter_model.safetensors"), d.join("adapter_model.bin")).unwrap();
     });

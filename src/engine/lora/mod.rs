@@ -115,6 +115,9 @@ pub enum LoraError {
     Candle(#[from] candle_core::Error),
 }
 
+/// Largest |LoRA scale| accepted at load.
+pub const MAX_LORA_SCALE: f64 = 1000.0;
+
 /// `adapter_config.json` (the fields that change the math, plus what refusals need).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
@@ -192,6 +195,23 @@ impl AdapterConfig {
         } else {
             self.lora_alpha / self.r as f64
         }
+    }
+
+    /// Refuses a rank or scale whose arithmetic cannot be served: `r = 0` divides by zero, and
+    /// a scale beyond [`MAX_LORA_SCALE`] overflows the run dtype (NaN logits for every row that
+    /// shares the step).
+    fn check_arithmetic(&self) -> Result<(), LoraError> {
+        if self.r == 0 {
+            return Err(LoraError::Config("r must be at least 1".into()));
+        }
+        let s = self.scale();
+        if !s.is_finite() || s.abs() > MAX_LORA_SCALE {
+            return Err(LoraError::Config(format!(
+                "lora_alpha {} with r {} gives scale {s:e}, outside +-{MAX_LORA_SCALE} (PEFT adapters use about 0.1-16)",
+                self.lora_alpha, self.r
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses what `lab` does not implement, naming the cause.
@@ -275,6 +295,7 @@ impl LoraAdapter {
             .map_err(|e| LoraError::Io { path: config_path.clone(), source: e })?;
         let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| LoraError::Config(e.to_string()))?;
         config.check_supported()?;
+        config.check_arithmetic()?;
         if config.r > max_rank {
             return Err(LoraError::RankTooLarge { rank: config.r, max: max_rank });
         }
@@ -285,9 +306,17 @@ impl LoraAdapter {
             }
             (e, _) => e,
         })?;
+        // Finite in the file is not enough: f16 overflows past 65504.
+        let in_run_dtype = |k: &ProjKey, t: &Tensor, factor: &str| -> Result<Tensor, LoraError> {
+            let t = t.to_dtype(dtype)?;
+            if !all_finite(&t)? {
+                return Err(LoraError::NonFinite(format!("{}.{factor} in {dtype:?}", k.peft_prefix())));
+            }
+            Ok(t.to_device(device)?)
+        };
         let weights = weights
             .into_iter()
-            .map(|(k, (a, b))| Ok((k, (a.to_dtype(dtype)?.to_device(device)?, b.to_dtype(dtype)?.to_device(device)?))))
+            .map(|(k, (a, b))| Ok((k, (in_run_dtype(&k, &a, "lora_A")?, in_run_dtype(&k, &b, "lora_B")?))))
             .collect::<Result<_, LoraError>>()?;
         Ok(Self { config, weights })
     }
@@ -360,9 +389,7 @@ fn parse_tensors(
                 key.layer, cfg.num_hidden_layers
             )));
         }
-        // A sum (in f64, so it cannot overflow) is NaN/Inf iff some element is; `max` skips NaN.
-        let finite = t.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?.is_finite();
-        if !finite {
+        if !all_finite(&t)? {
             return Err(LoraError::NonFinite(name));
         }
         let (inp, out) = key.module.dims(cfg);
@@ -408,4 +435,10 @@ fn parse_key(name: &str) -> Option<(ProjKey, bool)> {
         _ => return None,
     };
     Some((ProjKey { layer: layer.parse().ok()?, module: LoraModule::from_name(module)? }, is_a))
+}
+
+/// True when no element is NaN or Inf: a sum in f64 (which cannot overflow for finite inputs)
+/// is NaN/Inf iff some element is; `max` would skip NaN.
+fn all_finite(t: &Tensor) -> Result<bool, LoraError> {
+    Ok(t.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?.is_finite())
 }
