@@ -338,3 +338,34 @@ fn batched_generation_with_a_shared_prefix_equals_one_at_a_time() {
         assert_eq!(b.output_ids, alone.output_ids, "slot {:?}", p.slot);
     }
 }
+
+/// A copy into a device slot that fails leaves the slot empty: every later request for that
+/// adapter gets the error again, never a "ready" slot without weights (which would serve the
+/// base model silently).
+#[test]
+fn a_failed_slot_write_is_an_error_every_time_never_the_base_model() {
+    let model = random_llama(10);
+    let cfg = model.config().clone();
+    let dir = saved(&crate::util::random_adapter(&cfg, 32, &SUBSET, false, 4), "slot-fail");
+    // The loader accepts rank 32; the bank holds rank 16 at most, so the copy-in fails.
+    let loader = move |p: &Path| LoraAdapter::load(p, &cfg, 64, DType::F32, &Device::Cpu);
+    let bank = SlotBank::new(model.config(), 2, 16, DType::F32, &Device::Cpu).unwrap();
+    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_cpu_loras: 4 }, bank, Box::new(loader));
+    reg.register("wide", &dir);
+    let mut errors = 0;
+    for _ in 0..400 {
+        reg.poll_loads();
+        match reg.acquire("wide") {
+            Err(e) => {
+                assert!(e.to_string().contains("does not fit the slot bank"), "{e}");
+                errors += 1;
+                if errors == 3 {
+                    return;
+                }
+            }
+            Ok(SlotRequest::Ready { .. }) => panic!("a slot without weights was handed out"),
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+    panic!("the load never finished ({errors} errors)");
+}

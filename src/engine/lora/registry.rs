@@ -160,6 +160,14 @@ impl RegistryState {
         }
     }
 
+    /// Empties `slot` after a failed copy-in (unpinned, holding nothing).
+    pub fn vacate(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.pins = 0;
+            s.holds = None;
+        }
+    }
+
     /// A background load finished: `id` is now in the CPU tier. Returns CPU copies evicted
     /// (least recently used first) to respect `max_cpu_loras`.
     pub fn cpu_loaded(&mut self, id: AdapterId) -> Vec<AdapterId> {
@@ -325,7 +333,10 @@ impl AdapterRegistry {
                 self.evictions += u64::from(evicted.is_some());
                 let data = self.cpu_data.get(&id).expect("CPU tier and data agree").clone();
                 if let Err(e) = self.bank.write(slot, &data) {
-                    self.state.release(slot);
+                    // The slot was promised to `id` before the copy; a failed copy must leave
+                    // it empty, or later requests would be "Ready" on a slot with no weights
+                    // and run on the base model without a word.
+                    self.state.vacate(slot);
                     return Err(e);
                 }
                 SlotRequest::Ready { slot, id }
