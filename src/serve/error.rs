@@ -67,11 +67,28 @@ impl ApiError {
         };
         ErrorBody {
             error: ErrorDetail {
-                message: self.to_string(),
+                message: self.public_message(),
                 kind: kind.to_string(),
                 param,
                 code: code.map(String::from),
             },
+        }
+    }
+}
+
+impl ApiError {
+    /// What the client sees. A 500 carries the cause's first line (at most 300 characters)
+    /// and an id; the whole error, backtrace included, goes to the log under that id, so a
+    /// response never shows module paths or source lines.
+    fn public_message(&self) -> String {
+        match self {
+            ApiError::Internal(full) => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                tracing::error!(error_id = %id, "internal error: {full}");
+                let first: String = full.lines().next().unwrap_or_default().chars().take(300).collect();
+                format!("{first} (error id {id}; details in the server log)")
+            }
+            other => other.to_string(),
         }
     }
 }
@@ -89,5 +106,22 @@ impl IntoResponse for ApiError {
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(r: axum::extract::rejection::JsonRejection) -> Self {
         ApiError::Body { status: r.status().as_u16(), message: r.body_text() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_500_shows_one_line_and_an_id_never_the_backtrace() {
+        let e = ApiError::Internal(
+            "engine step failed: boom\n   0: candle_core::error::Error::bt\n             at src/engine/model/mod.rs:12:5".into(),
+        );
+        let m = e.body().error.message;
+        assert!(m.starts_with("engine step failed: boom (error id "), "{m}");
+        assert!(!m.contains('\n') && !m.contains("candle_core") && !m.contains("src/"), "{m}");
+        let long = ApiError::Internal("x".repeat(5000)).body().error.message;
+        assert!(long.len() < 400, "{}", long.len());
     }
 }
