@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 
 use super::floor::{median, median_seconds};
 use super::points::greedy_ids;
-use crate::engine::attention::paged_ops::{paged_decode_attention, DecodeMeta};
+use crate::engine::attention::decode_meta;
+use crate::engine::attention::paged_ops::paged_decode_attention;
 use crate::engine::kv::paged::{BlockTable, PagedKvCache};
 use crate::engine::load::LoadedModel;
 use crate::engine::model::{LogitsAt, PackedBatch};
@@ -103,18 +104,10 @@ fn attention_alone(m: &LoadedModel, kv: &PagedKvCache, tables: &[BlockTable], re
     let batch = tables.len();
     let q =
         Tensor::randn(0f32, 1f32, (batch, cfg.num_attention_heads, cfg.head_dim), device)?.to_dtype(m.model.dtype())?;
-    let max_blocks = view.tables.iter().map(|t| t.len()).max().unwrap_or(1);
-    let mut flat = vec![0u32; batch * max_blocks];
-    for (i, t) in view.tables.iter().enumerate() {
-        flat[i * max_blocks..i * max_blocks + t.len()].copy_from_slice(t);
-    }
-    let meta = DecodeMeta {
-        rows: Tensor::from_vec((0..batch as u32).collect::<Vec<_>>(), batch, device)?,
-        tables: Tensor::from_vec(flat, (batch, max_blocks), device)?,
-        ctx: Tensor::from_vec(view.past.iter().map(|&p| p as u32).collect::<Vec<_>>(), batch, device)?,
-        max_blocks,
-        block_size: view.block_size,
-    };
+    let rows: Vec<u32> = (0..batch as u32).collect();
+    let ctx: Vec<u32> = view.past.iter().map(|&p| p as u32).collect();
+    let tables: Vec<&[u32]> = view.tables.iter().map(Vec::as_slice).collect();
+    let meta = decode_meta(&rows, &ctx, &tables, view.block_size, device)?;
     median_seconds(device, 1, repeats.max(1), || {
         for l in 0..cfg.num_hidden_layers {
             drop(paged_decode_attention(&q, &view.k[l], &view.v[l], &meta)?);

@@ -157,7 +157,9 @@ impl PagedPlan {
     }
 }
 
-fn decode_meta(rows: &[u32], ctx: &[u32], tables: &[&[u32]], bs: usize, device: &Device) -> Result<DecodeMeta> {
+/// Decode metadata on `device`: query rows, their block tables (padded to the longest) and
+/// context lengths.
+pub fn decode_meta(rows: &[u32], ctx: &[u32], tables: &[&[u32]], bs: usize, device: &Device) -> Result<DecodeMeta> {
     let m = rows.len();
     let max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
     let mut flat = vec![0u32; m * max_blocks];
