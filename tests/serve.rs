@@ -177,6 +177,17 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             400,
             Some("max_tokens"),
         ),
+        // Stop matching runs per token on the engine thread: bounded count and length.
+        (
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stop": vec!["x"; 17]}),
+            400,
+            Some("stop"),
+        ),
+        (
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stop": "y".repeat(257)}),
+            400,
+            Some("stop"),
+        ),
         (json!({"model": BASE, "messages": "not a list"}), 400, None),
         (json!({"model": BASE, "messages": [{"role": "user", "content": "x".repeat(3000)}]}), 413, None),
     ];

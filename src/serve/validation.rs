@@ -11,6 +11,11 @@ use crate::engine::sampling::SamplingParams;
 use crate::engine::text::tokenizer::Tokenizer;
 use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, Stop};
 
+/// Stop strings per request at most (OpenAI allows 4).
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Bytes per stop string at most.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// Which OpenAI endpoint a request came through (decides the response shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -160,6 +165,17 @@ impl Validator {
             Some(m) => m,
             None => limit - p,
         };
+        let stop = s.stop.map(Stop::into_vec).unwrap_or_default();
+        // Stop matching runs on the engine thread for every token of every sequence: bounded.
+        if stop.len() > MAX_STOP_STRINGS {
+            return Err(ApiError::bad("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len())));
+        }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::bad(
+                "stop",
+                format!("stop strings are at most {MAX_STOP_BYTES} bytes, got one of {}", long.len()),
+            ));
+        }
         let stream = s.stream.unwrap_or(false);
         let params = SamplingParams {
             temperature,
@@ -168,7 +184,7 @@ impl Validator {
             seed: s.seed.unwrap_or_else(rand::random),
             max_tokens,
             ignore_eos: s.ignore_eos.unwrap_or(false),
-            stop: s.stop.map(Stop::into_vec).unwrap_or_default(),
+            stop,
         };
         Ok(ValidRequest {
             id,
