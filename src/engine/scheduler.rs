@@ -243,16 +243,28 @@ impl Scheduler {
     }
 
     fn admit(&mut self, res: &mut dyn Resources, budget: &mut usize, plan: &mut StepPlan) {
+        // Set once a starving request cannot get a slot: from then on this step admits no
+        // request that would pin a slot, so running sequences drain the pins and a slot comes
+        // free for it. Without this, steady traffic on resident adapters re-pins every slot
+        // each step and the starving request waits for ever.
+        let mut slots_held_for_starving = false;
         for id in self.admission_order(res) {
             if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 {
                 break;
             }
             let seq = &self.seqs[&id];
             let (adapter, pinned) = (seq.adapter.clone(), seq.slot);
+            let starving = seq.waited >= self.cfg.max_wait_steps;
+            if slots_held_for_starving && adapter.is_some() && pinned.is_none() {
+                continue;
+            }
             let slot = match adapter.as_deref().filter(|_| pinned.is_none()).map(|a| res.acquire_adapter(a)) {
                 None => pinned,
                 Some(Grant::Ready(slot)) => Some(slot),
-                Some(Grant::NotYet) => continue,
+                Some(Grant::NotYet) => {
+                    slots_held_for_starving |= starving;
+                    continue;
+                }
                 Some(Grant::Failed(msg)) => {
                     plan.failed.push((id, msg));
                     self.seqs.remove(&id);
@@ -431,6 +443,42 @@ mod tests {
         assert_eq!(order[0], 2, "resident adapter first");
         let pos = order.iter().position(|&id| id == 1).expect("b ran");
         assert!(pos <= 3, "b waited at most max_wait_steps: {order:?}");
+    }
+
+    /// 2 slots, steady traffic on adapters a and b that keeps both slots pinned every step
+    /// (each sequence runs 4 steps; two new ones a step), and one request for c: c runs within
+    /// max_wait_steps (3) + a sequence's lifetime (4) + 2 steps.
+    #[test]
+    fn a_non_resident_adapter_gets_a_slot_under_steady_traffic_on_the_others() {
+        let mut s = Scheduler::new(cfg(64, 1000));
+        let mut res = Fake::new(10_000, 2);
+        let mut admitted_at: BTreeMap<SeqId, usize> = BTreeMap::new();
+        let mut next = 1;
+        let arrives = 5; // once a and b hold both slots
+        for t in 0..60 {
+            if t == arrives {
+                s.add(0, vec![1], Some("c".into()));
+            }
+            for a in ["a", "b"] {
+                s.add(next, vec![1], Some(a.into()));
+                next += 1;
+            }
+            let p = step(&mut s, &mut res);
+            for c in p.batch.iter().filter(|c| c.past == 0) {
+                admitted_at.insert(c.id, t);
+            }
+            if let Some(&at) = admitted_at.get(&0) {
+                assert!(at - arrives <= 3 + 4 + 2, "c admitted {} steps after it arrived", at - arrives);
+                return;
+            }
+            let done: Vec<SeqId> = admitted_at.iter().filter(|(_, &at)| t >= at + 3).map(|(id, _)| *id).collect();
+            for id in done {
+                if s.contains(id) {
+                    s.finish(id, &mut res);
+                }
+            }
+        }
+        panic!("c never got a slot");
     }
 
     #[test]
