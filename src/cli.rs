@@ -114,7 +114,8 @@ pub struct ServeArgs {
     /// Waiting requests at most; beyond, 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
-    /// Steps a request may be passed over in favour of resident adapters before it goes first.
+    /// Times a request may be passed over (a later arrival admitted first, e.g. for a resident
+    /// adapter) before it goes first and no new request may pin a slot until it has one.
     #[arg(long, default_value_t = 32)]
     pub max_wait_steps: usize,
     /// Bearer token required on /v1/*.

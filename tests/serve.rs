@@ -188,6 +188,22 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             400,
             Some("stop"),
         ),
+        // Not implemented: refused by name, never silently ignored.
+        (
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "logprobs": true}),
+            400,
+            Some("logprobs"),
+        ),
+        (
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}),
+            400,
+            Some("presence_penalty"),
+        ),
+        (
+            json!({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}),
+            400,
+            Some("tools"),
+        ),
         (json!({"model": BASE, "messages": "not a list"}), 400, None),
         (json!({"model": BASE, "messages": [{"role": "user", "content": "x".repeat(3000)}]}), 413, None),
     ];
@@ -206,6 +222,20 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         &json!({"model": BASE, "messages": [{"role": "user", "content": "word ".repeat(100)}]}),
     );
     assert!(v["error"]["message"].as_str().unwrap().contains("maximum context length is 64"), "{v}");
+    // The "off" values of unimplemented parameters, and fields with no sampling meaning, pass.
+    let mut body = chat_body(BASE, "hi", 2);
+    for (k, v) in [
+        ("logprobs", json!(false)),
+        ("presence_penalty", json!(0)),
+        ("frequency_penalty", json!(0.0)),
+        ("tool_choice", json!("none")),
+        ("response_format", json!({"type": "text"})),
+        ("user", json!("tenant-7")),
+    ] {
+        body[k] = v;
+    }
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
     // Bearer auth.
     let auth = Server::tiny(&["--api-key", "sekrit"]);
     let (status, v) = auth.post("/v1/chat/completions", &chat_body(BASE, "hi", 2));
@@ -310,6 +340,10 @@ fn reloading_an_adapter_under_traffic_never_changes_an_in_flight_response() {
 }
 
 /// Latencies (s) of `n` requests over `adapters` adapters sent at a fixed rate; panics on any failure.
+/// Output tokens of each spread-traffic request: enough that requests overlap and the server
+/// is busy (an idle server makes any wait for a slot look large next to a bare request).
+const TOKENS: usize = 48;
+
 fn spread_traffic(s: &Server, adapters: usize, n: usize, gap: Duration) -> Vec<f64> {
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
@@ -319,7 +353,7 @@ fn spread_traffic(s: &Server, adapters: usize, n: usize, gap: Duration) -> Vec<f
             handles.push(scope.spawn(move || {
                 let t0 = Instant::now();
                 let (status, v) =
-                    s.post("/v1/chat/completions", &chat_body(&model, &format!("customer request {i}"), 16));
+                    s.post("/v1/chat/completions", &chat_body(&model, &format!("customer request {i}"), TOKENS));
                 assert_eq!(status, 200, "{model}: {v}");
                 t0.elapsed().as_secs_f64()
             }));

@@ -10,8 +10,10 @@
 //!    adapter slot so the recomputation uses the same adapter version);
 //! 2. then waiting sequences are admitted while `max_num_seqs`, the token budget, KV blocks and
 //!    adapter slots allow. Requests whose adapter is already resident go first, so a bank
-//!    smaller than the set of active adapters does not thrash; a request that has waited
-//!    `max_wait_steps` steps goes first regardless (no starvation). A request whose adapter is
+//!    smaller than the set of active adapters does not thrash; a request passed over
+//!    `max_wait_steps` times (a later arrival admitted before it) goes first regardless, and
+//!    while it finds every slot pinned no new request may pin one, so a slot drains for it
+//!    (no starvation). A request whose adapter is
 //!    still loading is skipped this step (the load runs in the background) without blocking
 //!    the others.
 
@@ -81,7 +83,8 @@ struct Seq {
     computed: usize,
     adapter: Option<String>,
     slot: Option<usize>,
-    waited: usize,
+    /// Times a later arrival was admitted while this one waited.
+    passed_over: usize,
     arrival: u64,
 }
 
@@ -103,7 +106,7 @@ impl Scheduler {
     /// Queues a validated request (prompt already tokenized and checked against the limits).
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, adapter: Option<String>) {
         self.arrivals += 1;
-        let seq = Seq { tokens: prompt, computed: 0, adapter, slot: None, waited: 0, arrival: self.arrivals };
+        let seq = Seq { tokens: prompt, computed: 0, adapter, slot: None, passed_over: 0, arrival: self.arrivals };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
     }
@@ -164,12 +167,8 @@ impl Scheduler {
                 budget -= n;
             }
         }
-        self.admit(res, &mut budget, &mut plan);
-        for id in &self.waiting {
-            if let Some(s) = self.seqs.get_mut(id) {
-                s.waited += 1;
-            }
-        }
+        let admitted = self.admit(res, &mut budget, &mut plan);
+        self.count_passed_over(&admitted);
         plan
     }
 
@@ -228,7 +227,7 @@ impl Scheduler {
     fn admission_order(&self, res: &dyn Resources) -> Vec<SeqId> {
         let rank = |id: &SeqId| {
             let s = &self.seqs[id];
-            let starving = s.waited >= self.cfg.max_wait_steps;
+            let starving = s.passed_over >= self.cfg.max_wait_steps;
             let resident = s.adapter.as_deref().is_none_or(|a| res.is_resident(a));
             // Starving requests strictly by arrival; the rest resident-first.
             if starving {
@@ -242,7 +241,20 @@ impl Scheduler {
         order
     }
 
-    fn admit(&mut self, res: &mut dyn Resources, budget: &mut usize, plan: &mut StepPlan) {
+    /// Every waiting request that arrived before an admitted one was passed over once more
+    /// (counting steps instead would call every request under load "starving" and turn
+    /// resident-first admission into FIFO, thrashing the slots).
+    fn count_passed_over(&mut self, admitted_arrivals: &[u64]) {
+        for id in &self.waiting {
+            if let Some(s) = self.seqs.get_mut(id) {
+                s.passed_over += admitted_arrivals.iter().filter(|&&a| a > s.arrival).count();
+            }
+        }
+    }
+
+    /// Admits what fits; returns the arrival numbers of the requests it admitted.
+    fn admit(&mut self, res: &mut dyn Resources, budget: &mut usize, plan: &mut StepPlan) -> Vec<u64> {
+        let mut admitted = Vec::new();
         // Set once a starving request cannot get a slot: from then on this step admits no
         // request that would pin a slot, so running sequences drain the pins and a slot comes
         // free for it. Without this, steady traffic on resident adapters re-pins every slot
@@ -254,7 +266,7 @@ impl Scheduler {
             }
             let seq = &self.seqs[&id];
             let (adapter, pinned) = (seq.adapter.clone(), seq.slot);
-            let starving = seq.waited >= self.cfg.max_wait_steps;
+            let starving = seq.passed_over >= self.cfg.max_wait_steps;
             if slots_held_for_starving && adapter.is_some() && pinned.is_none() {
                 continue;
             }
@@ -281,11 +293,13 @@ impl Scheduler {
             }
             let seq = self.seqs.get_mut(&id).expect("waiting seq exists");
             seq.slot = slot;
+            admitted.push(seq.arrival);
             self.waiting.retain(|w| *w != id);
             self.running.push(id);
             plan.batch.push(self.chunk(id, n));
             *budget -= n;
         }
+        admitted
     }
 }
 
