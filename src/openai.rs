@@ -48,6 +48,10 @@ pub struct SamplingFields {
     /// vLLM extension for fixed-length benchmarks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_eos: Option<bool>,
+    /// Every other field of the body, kept so that validation can refuse the ones `lab` does
+    /// not implement (`logprobs`, `tools`, penalties, ...) instead of silently dropping them.
+    #[serde(flatten, default, skip_serializing)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `POST /v1/chat/completions` body.

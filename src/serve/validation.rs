@@ -129,6 +129,7 @@ impl Validator {
         if prompt_ids.is_empty() {
             return Err(ApiError::bad(prompt_param, "the prompt is empty"));
         }
+        refuse_unimplemented(&s.other)?;
         if s.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad("n", "lab returns one choice per request: `n` must be 1"));
         }
@@ -204,4 +205,56 @@ impl Validator {
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// OpenAI / vLLM parameters `lab` does not implement, each with the value that means "off".
+/// A request that sets one to anything else gets a 400 naming it (vLLM's convention) rather
+/// than a 200 that quietly ignored it; fields not listed here (`user`, `metadata`, ...) carry
+/// no sampling meaning and are ignored.
+fn refuse_unimplemented(other: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    use serde_json::Value;
+    let off = |name: &str, v: &Value| -> bool {
+        match (name, v) {
+            (_, Value::Null) => true,
+            ("logprobs" | "echo" | "use_beam_search", Value::Bool(b)) => !b,
+            ("logprobs" | "top_logprobs" | "min_tokens" | "presence_penalty" | "frequency_penalty" | "min_p", n) => {
+                n.as_f64() == Some(0.0)
+            }
+            ("repetition_penalty", n) => n.as_f64() == Some(1.0),
+            ("best_of", n) => n.as_f64() == Some(1.0),
+            ("tool_choice", Value::String(s)) => s == "none",
+            ("response_format", r) => r["type"] == "text",
+            ("tools" | "functions" | "stop_token_ids", Value::Array(a)) => a.is_empty(),
+            ("logit_bias", Value::Object(o)) => o.is_empty(),
+            _ => false,
+        }
+    };
+    const UNIMPLEMENTED: [&str; 20] = [
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "best_of",
+        "use_beam_search",
+        "suffix",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "stop_token_ids",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "min_tokens",
+        "min_p",
+        "guided_json",
+        "guided_regex",
+    ];
+    for name in UNIMPLEMENTED {
+        if let Some(v) = other.get(name).filter(|v| !off(name, v)) {
+            return Err(ApiError::bad(name, format!("`{name}` is not supported by lab yet (got {v}); leave it out")));
+        }
+    }
+    Ok(())
 }
