@@ -98,6 +98,21 @@ fn models_lora_runtime_updates_and_path_refusals() {
         assert_eq!(status, 400, "{path}: {v}");
         assert_eq!(v["error"]["param"], "lora_path", "{v}");
     }
+    // A folder inside the root whose weights file is a symlink to a file outside.
+    let linked = root.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::fs::copy(outside.join("adapter_config.json"), linked.join("adapter_config.json")).unwrap();
+    std::os::unix::fs::symlink(outside.join("adapter_model.safetensors"), linked.join("adapter_model.safetensors"))
+        .unwrap();
+    let (status, v) = s.post("/v1/load_lora_adapter", &json!({"lora_name": "linked", "lora_path": linked}));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("adapter_model.safetensors"), "{v}");
+    // Names that would corrupt metric labels or logs.
+    for bad in ["a,b", "quote\"d", "", &"x".repeat(129)] {
+        let (status, v) = s.post("/v1/load_lora_adapter", &json!({"lora_name": bad, "lora_path": a}));
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert_eq!(v["error"]["param"], "lora_name", "{v}");
+    }
     // Load at run time, use it, unload it.
     let b = tiny_adapter(&root.join("beta"), 3);
     let (status, v) = s.post("/v1/load_lora_adapter", &json!({"lora_name": "beta", "lora_path": b}));
@@ -504,4 +519,21 @@ fn vanishing_temperature_or_top_p_is_greedy_and_hurts_no_neighbour() {
             assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         }
     });
+}
+
+/// One broken folder under `--lora-dir` is skipped with a warning; the server starts and
+/// serves the good ones.
+#[test]
+fn a_bad_folder_under_lora_dir_is_skipped_not_fatal() {
+    let dir = temp_dir("serve-lora-dir");
+    tiny_adapter(&dir.join("good"), 5);
+    let bad = dir.join("broken");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("adapter_config.json"), "{ not json").unwrap();
+    std::fs::write(bad.join("adapter_model.safetensors"), "nope").unwrap();
+    let s = Server::tiny(&["--lora-dir", dir.to_str().unwrap()]);
+    let models: Value = serde_json::from_str(&s.get_text("/v1/models")).unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![BASE, "good"]);
+    assert_eq!(s.chat("good", "hi", 4).1, "length");
 }

@@ -16,10 +16,11 @@ use crate::serve::ServeSettings;
 /// Runs `lab serve`.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let (device, dtype) = device_and_dtype(&args.model)?;
-    let mut lora_modules = parse_lora_modules(&args.lora_modules)?;
+    let lora_modules = parse_lora_modules(&args.lora_modules)?;
     let mut allowed_roots = args.allowed_lora_dirs.clone();
+    let mut lora_dir_modules = Vec::new();
     if let Some(dir) = &args.lora_dir {
-        lora_modules.extend(scan_lora_dir(dir)?);
+        lora_dir_modules = scan_lora_dir(dir)?;
         allowed_roots.push(dir.clone());
     }
     if args.max_loras == 0 {
@@ -54,6 +55,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         port: args.port,
         served_model_name: args.served_model_name.clone().unwrap_or_else(|| loaded.name.clone()),
         lora_modules,
+        lora_dir_modules,
         allowed_roots,
         runtime_updates: args.enable_lora_runtime_updates,
         max_loras: args.max_loras,
@@ -73,11 +75,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     eprintln!(
-        "lab serve: KV cache {kv_blocks} blocks x {} positions ({} MiB), max model len {max_model_len}, {} adapter slots, {} adapters",
+        "lab serve: KV cache {kv_blocks} blocks x {} positions ({} MiB), max model len {max_model_len}, {} adapter slots, {} adapters (+ {} found in --lora-dir)",
         args.block_size,
         kv_blocks * block_bytes >> 20,
         settings.max_loras,
-        settings.lora_modules.len()
+        settings.lora_modules.len(),
+        settings.lora_dir_modules.len()
     );
     crate::serve::run(settings, loaded, device, dtype)?;
     Ok(())
@@ -90,6 +93,9 @@ fn parse_lora_modules(specs: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>
         .map(|spec| {
             let (name, path) =
                 spec.split_once('=').with_context(|| format!("--lora-modules {spec}: expected NAME=PATH"))?;
+            if let Some(why) = crate::serve::catalog::invalid_adapter_name(name) {
+                bail!("--lora-modules {spec}: {why}");
+            }
             Ok((name.to_string(), PathBuf::from(path)))
         })
         .collect()
@@ -103,7 +109,10 @@ fn scan_lora_dir(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
         let path = e?.path();
         if path.join("adapter_config.json").is_file() {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.push((name, path));
+            match crate::serve::catalog::invalid_adapter_name(&name) {
+                None => out.push((name, path)),
+                Some(why) => eprintln!("lab serve: skipping {} in --lora-dir: {why}", path.display()),
+            }
         }
     }
     out.sort();

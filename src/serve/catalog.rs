@@ -58,6 +58,23 @@ impl Catalog {
     }
 }
 
+/// The files an adapter load reads from its folder.
+const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+/// Why `name` cannot name an adapter, if it cannot: 1-128 characters of `[A-Za-z0-9._:/-]`
+/// (a comma or quote would corrupt `vllm:lora_requests_info`'s label list, and Prometheus
+/// label values, logs and URLs all stay plain).
+pub fn invalid_adapter_name(name: &str) -> Option<String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "._:/-".contains(c);
+    if name.is_empty() || name.len() > 128 || !name.chars().all(ok) {
+        return Some(format!(
+            "invalid adapter name `{}`: use 1-128 characters of A-Z a-z 0-9 . _ : / -",
+            name.chars().take(140).collect::<String>()
+        ));
+    }
+    None
+}
+
 /// Roots that runtime loads may read from (`--lora-dir`, `--allowed-lora-dirs`), canonical.
 #[derive(Debug, Clone, Default)]
 pub struct AllowedRoots(Vec<PathBuf>);
@@ -81,6 +98,17 @@ impl AllowedRoots {
             .canonicalize()
             .map_err(|e| ApiError::bad("lora_path", format!("cannot open lora_path {path}: {e}")))?;
         if self.0.iter().any(|root| real.starts_with(root)) {
+            // The folder is inside a root; each file read from it must be too (a symlinked
+            // adapter_model.safetensors would otherwise read anything the server can).
+            for file in ADAPTER_FILES {
+                let Ok(f) = real.join(file).canonicalize() else { continue };
+                if !self.0.iter().any(|root| f.starts_with(root)) {
+                    return Err(ApiError::bad(
+                        "lora_path",
+                        format!("{file} in lora_path {path} resolves to {}, outside the allowed roots", f.display()),
+                    ));
+                }
+            }
             Ok(real)
         } else {
             Err(ApiError::bad(

@@ -36,6 +36,9 @@ pub struct ServeSettings {
     pub served_model_name: String,
     /// Adapters registered at start, `(name, dir)`.
     pub lora_modules: Vec<(String, PathBuf)>,
+    /// Adapters found under `--lora-dir`: a bad one is skipped with a warning (one broken
+    /// folder among many must not keep the server down), unlike `--lora-modules`.
+    pub lora_dir_modules: Vec<(String, PathBuf)>,
     /// Roots runtime loads may read from (`--lora-dir` and `--allowed-lora-dirs`).
     pub allowed_roots: Vec<PathBuf>,
     pub runtime_updates: bool,
@@ -70,9 +73,18 @@ pub enum ServeError {
 /// Runs the server until SIGTERM / Ctrl-C; in-flight requests get `shutdown_timeout` to finish.
 pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) -> Result<(), ServeError> {
     let cfg = loaded.model.config().clone();
+    let check = |path: &PathBuf| LoraAdapter::load(path, &cfg, s.max_lora_rank, DType::F32, &Device::Cpu);
+    let mut modules = Vec::with_capacity(s.lora_modules.len() + s.lora_dir_modules.len());
     for (name, path) in &s.lora_modules {
-        LoraAdapter::load(path, &cfg, s.max_lora_rank, DType::F32, &Device::Cpu)
-            .map_err(|source| ServeError::Adapter { name: name.clone(), path: path.clone(), source })?;
+        check(path).map_err(|source| ServeError::Adapter { name: name.clone(), path: path.clone(), source })?;
+        modules.push((name.clone(), path.clone()));
+    }
+    for (name, path) in &s.lora_dir_modules {
+        match check(path) {
+            Ok(_) if !modules.iter().any(|(n, _)| n == name) => modules.push((name.clone(), path.clone())),
+            Ok(_) => eprintln!("lab serve: skipping {} in --lora-dir: the name {name} is taken", path.display()),
+            Err(e) => eprintln!("lab serve: skipping {} in --lora-dir: {e}", path.display()),
+        }
     }
     let catalog = Arc::new(catalog::Catalog::new(s.served_model_name.clone()));
     let metrics = Arc::new(metrics::Metrics::new(&s.served_model_name, s.kv_blocks, s.max_loras));
@@ -82,7 +94,7 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
     let loader = Box::new(move |p: &std::path::Path| LoraAdapter::load(p, &lcfg, rank, dtype, &ldev));
     let mut registry =
         AdapterRegistry::new(RegistryConfig { max_loras: s.max_loras, max_cpu_loras: s.max_cpu_loras }, bank, loader);
-    for (name, path) in &s.lora_modules {
+    for (name, path) in &modules {
         registry.register(name, path);
         catalog.insert(name, path);
     }

@@ -166,8 +166,11 @@ async fn load_adapter(
     runtime_updates_on(&st)?;
     let req = parsed(body)?;
     let name = req.lora_name.trim().to_string();
-    if name.is_empty() || name == st.catalog.base_name() {
-        return Err(ApiError::bad("lora_name", format!("invalid lora_name `{name}`")));
+    if let Some(why) = super::catalog::invalid_adapter_name(&name) {
+        return Err(ApiError::bad("lora_name", why));
+    }
+    if name == st.catalog.base_name() {
+        return Err(ApiError::bad("lora_name", format!("`{name}` is the base model's name")));
     }
     if st.catalog.contains(&name) && !req.load_inplace {
         return Err(ApiError::bad(
