@@ -165,6 +165,14 @@ fn metrics_use_the_vllm_names_and_count_requests() {
     assert_eq!(s.metric("vllm:generation_tokens_total"), 12.0);
     assert_eq!(s.metric("vllm:e2e_request_latency_seconds_count"), 2.0);
     assert_eq!(s.metric("lab_adapter_loads_total"), 1.0);
+    // vllm:lora_requests_info's value is when the engine last updated it, not the scrape
+    // time: an idle (or wedged) engine's series does not look fresher on every scrape.
+    let info = |s: &Server| s.metric("vllm:lora_requests_info");
+    let first = info(&s);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(info(&s), first, "idle engine: same timestamp");
+    s.chat(BASE, "one more", 2);
+    assert!(info(&s) > first, "a step refreshes it");
 }
 
 #[test]

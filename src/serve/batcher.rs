@@ -377,6 +377,7 @@ impl EngineState {
             m.preemptions += preempted as u64;
             m.adapter_loads = loads;
             m.adapter_evictions = evictions;
+            m.engine_updated_at = super::metrics::unix_seconds();
         });
     }
 }

@@ -67,6 +67,10 @@ pub struct MetricsState {
     pub max_loras: usize,
     pub running_adapters: BTreeSet<String>,
     pub waiting_adapters: BTreeSet<String>,
+    /// Unix time (seconds) of the engine's last gauge update: `vllm:lora_requests_info`'s
+    /// value, which LoRA-affinity routers read as the series' freshness (a wedged engine
+    /// must not look fresh, so it is not the scrape time).
+    pub engine_updated_at: f64,
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     /// Finished requests by `finished_reason` (stop, length, abort, error).
@@ -97,6 +101,7 @@ impl Metrics {
             max_loras,
             running_adapters: BTreeSet::new(),
             waiting_adapters: BTreeSet::new(),
+            engine_updated_at: unix_seconds(),
             prompt_tokens: 0,
             generation_tokens: 0,
             finished: BTreeMap::new(),
@@ -144,7 +149,7 @@ impl Metrics {
             s.max_loras,
             escape(&join(&s.running_adapters)),
             escape(&join(&s.waiting_adapters)),
-            super::validation::unix_now()
+            s.engine_updated_at
         );
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{m}}} {v}");
@@ -200,4 +205,9 @@ fn escape(s: &str) -> String {
 /// Seconds of a duration, for observations.
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// Unix time in seconds (fractional, as vLLM's `time.time()`).
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
