@@ -369,3 +369,41 @@ fn a_failed_slot_write_is_an_error_every_time_never_the_base_model() {
     }
     panic!("the load never finished ({errors} errors)");
 }
+
+/// A loader that panics on one adapter fails that load (a clear error for its requests) and
+/// keeps loading the others; before, the loader thread died and every later load hung.
+#[test]
+fn a_panicking_loader_fails_one_load_and_keeps_serving_the_rest() {
+    let model = random_llama(11);
+    let (a1, a2) = two_adapters(&model);
+    let (bad, good) = (saved(&a1, "panic-bad"), saved(&a2, "panic-good"));
+    let cfg = model.config().clone();
+    let bad_path = bad.clone();
+    let loader = move |p: &Path| {
+        if p == bad_path {
+            panic!("corrupt beyond words");
+        }
+        LoraAdapter::load(p, &cfg, 16, DType::F32, &Device::Cpu)
+    };
+    let bank = SlotBank::new(model.config(), 2, 16, DType::F32, &Device::Cpu).unwrap();
+    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_cpu_loras: 4 }, bank, Box::new(loader));
+    reg.register("bad", &bad);
+    reg.register("good", &good);
+    let (mut bad_failed, mut good_ready) = (false, false);
+    for _ in 0..400 {
+        reg.poll_loads();
+        if let Ok(SlotRequest::Failed(m)) = reg.acquire("bad") {
+            assert!(m.contains("panicked"), "{m}");
+            bad_failed = true;
+        }
+        if let Ok(SlotRequest::Ready { slot, .. }) = reg.acquire("good") {
+            reg.release(slot);
+            good_ready = true;
+        }
+        if bad_failed && good_ready {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("bad failed: {bad_failed}, good ready: {good_ready}");
+}

@@ -116,11 +116,30 @@ pub struct Engine {
 /// Starts the engine thread.
 pub fn spawn(engine: Engine) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
+    let metrics = engine.metrics.clone();
     let join = std::thread::Builder::new().name("lab-engine".into()).spawn(move || {
         let mut state = EngineState { e: engine, tables: BTreeMap::new(), live: BTreeMap::new(), next_id: 0 };
-        state.run(rx)
+        supervised(|| state.run(rx), || on_engine_death(&metrics));
     })?;
     Ok((EngineHandle { tx }, join))
+}
+
+/// Runs `body`; if it panics, logs the panic and calls `on_death` (which may not return).
+fn supervised(body: impl FnOnce(), on_death: impl FnOnce()) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        tracing::error!("the engine thread panicked: {}", crate::engine::lora::registry::panic_text(&*p));
+        on_death();
+    }
+}
+
+/// A dead engine must not look alive: `/health` turns 503, the requests it held have already
+/// seen their channels close (unwinding dropped them), and the process exits non-zero so an
+/// orchestrator restarts it.
+fn on_engine_death(metrics: &Metrics) {
+    metrics.update(|m| m.engine_alive = false);
+    eprintln!("lab serve: the engine thread died; /health answers 503; exiting with code 70");
+    std::thread::sleep(Duration::from_millis(500)); // let handlers send their errors
+    std::process::exit(70);
 }
 
 struct EngineState {
@@ -379,5 +398,20 @@ impl EngineState {
             m.adapter_evictions = evictions;
             m.engine_updated_at = super::metrics::unix_seconds();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_engine_body_reaches_its_death_handler() {
+        let died = std::cell::Cell::new(false);
+        supervised(|| panic!("boom"), || died.set(true));
+        assert!(died.get());
+        let died = std::cell::Cell::new(false);
+        supervised(|| {}, || died.set(true));
+        assert!(!died.get(), "a normal return is not a death");
     }
 }

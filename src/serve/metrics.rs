@@ -71,6 +71,8 @@ pub struct MetricsState {
     /// value, which LoRA-affinity routers read as the series' freshness (a wedged engine
     /// must not look fresh, so it is not the scrape time).
     pub engine_updated_at: f64,
+    /// False once the engine thread died (`/health` then answers 503).
+    pub engine_alive: bool,
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     /// Finished requests by `finished_reason` (stop, length, abort, error).
@@ -102,6 +104,7 @@ impl Metrics {
             running_adapters: BTreeSet::new(),
             waiting_adapters: BTreeSet::new(),
             engine_updated_at: unix_seconds(),
+            engine_alive: true,
             prompt_tokens: 0,
             generation_tokens: 0,
             finished: BTreeMap::new(),

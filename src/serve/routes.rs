@@ -42,6 +42,16 @@ pub struct AppState {
     pub seq: AtomicU64,
 }
 
+/// 200 while the engine thread runs; 503 once it died (orchestrators restart on that, and the
+/// process exits non-zero right after).
+async fn health(State(st): State<Arc<AppState>>) -> StatusCode {
+    if st.metrics.update(|m| m.engine_alive) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
 /// The router: `/v1/*` behind the API key (when set), `/health` and `/metrics` open.
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let v1 = Router::new()
@@ -53,7 +63,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(v1)
-        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::Body { status: 404, message: "no such route".into() } })
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))

@@ -269,7 +269,11 @@ impl AdapterRegistry {
             .name("lab-adapter-loader".into())
             .spawn(move || {
                 for (id, path) in job_rx {
-                    if done_tx.send((id, loader(&path))).is_err() {
+                    // A loader that panics on one file fails that load, not the thread: a dead
+                    // loader would leave every later load pending for ever.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader(&path)))
+                        .unwrap_or_else(|p| Err(LoraError::Config(format!("the loader panicked: {}", panic_text(&p)))));
+                    if done_tx.send((id, result)).is_err() {
                         break;
                     }
                 }
@@ -362,6 +366,14 @@ impl AdapterRegistry {
             self.cpu_data.remove(&id);
         }
     }
+}
+
+/// The message of a caught panic payload.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 #[cfg(test)]
