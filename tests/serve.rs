@@ -498,6 +498,29 @@ fn sigterm_stops_accepting_and_lets_in_flight_streams_finish() {
     assert!(s.log.lock().unwrap().iter().any(|l| l.contains("shutting down")));
 }
 
+/// When `--shutdown-timeout` expires, streams still running end with an error event and
+/// `[DONE]` (not a silent cut) and the process exits non-zero (it exited 0, looking clean).
+#[test]
+fn an_expired_shutdown_timeout_ends_streams_with_an_error_and_exits_non_zero() {
+    let mut s = Server::tiny(&["--shutdown-timeout", "0"]);
+    let mut body = chat_body(BASE, "A very long goodbye", 2000);
+    body["stream"] = json!(true);
+    let (text, finish, events) = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| s.chat_stream(&body));
+        std::thread::sleep(Duration::from_millis(150));
+        s.sigterm();
+        stream.join().unwrap()
+    });
+    assert!(!text.is_empty(), "the stream was running");
+    assert_ne!(finish, "length", "it was cut, not finished");
+    let n = events.len();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{:?}", &events[n.saturating_sub(3)..]);
+    let err: Value = serde_json::from_str(&events[n - 2]).unwrap();
+    assert!(err["error"]["message"].as_str().unwrap().contains("shutdown-timeout"), "{err}");
+    let code = s.wait_exit(20);
+    assert!(code.is_some_and(|c| c != 0), "a forced shutdown is not a clean exit: {code:?}");
+}
+
 /// A request with a temperature or nucleus too small for floating point (`1e-39`, `1e-300`)
 /// samples greedily, as vLLM does below 1e-5, and its neighbours in the batch are untouched
 /// (before: `logits / 1e-39` overflowed, the sampling error failed every running request).

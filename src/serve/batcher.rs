@@ -52,6 +52,11 @@ pub enum Command {
         name: String,
         reply: oneshot::Sender<bool>,
     },
+    /// End every request now with this error (the shutdown timeout expired); replies when done.
+    AbortAll {
+        reason: String,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The HTTP side's handle on the engine thread.
@@ -77,6 +82,14 @@ impl EngineHandle {
     pub async fn unregister(&self, name: &str) -> Result<bool, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Unregister { name: name.to_string(), reply })?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Ends every request with a 503 saying `reason` (streams get an error event, then
+    /// `[DONE]`); returns once the engine has done so.
+    pub async fn abort_all(&self, reason: &str) -> Result<(), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::AbortAll { reason: reason.to_string(), reply })?;
         rx.await.map_err(|_| stopped())
     }
 
@@ -210,6 +223,13 @@ impl EngineState {
             }
             Command::Unregister { name, reply } => {
                 let _ = reply.send(self.e.registry.unregister(&name));
+            }
+            Command::AbortAll { reason, reply } => {
+                let ids: Vec<SeqId> = self.live.keys().copied().collect();
+                for id in ids {
+                    self.end(id, Err(ApiError::Unavailable(reason.clone())));
+                }
+                let _ = reply.send(());
             }
         }
     }

@@ -68,6 +68,10 @@ pub enum ServeError {
     Root(std::io::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "stopped with requests cut: --shutdown-timeout {0:?} expired before they finished (raise it to let them end)"
+    )]
+    ForcedShutdown(Duration),
 }
 
 /// Runs the server until SIGTERM / Ctrl-C; in-flight requests get `shutdown_timeout` to finish.
@@ -149,8 +153,11 @@ async fn serve_http(s: &ServeSettings, state: Arc<routes::AppState>) -> Result<(
     let local = listener.local_addr()?;
     // Tests and scripts read this line to find the port (with --port 0).
     eprintln!("lab serve: listening on http://{local} (model {})", s.served_model_name);
+    let engine = state.engine.clone();
     let app = routes::router(state, s.max_body_bytes);
     let timeout = s.shutdown_timeout;
+    let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forced_flag = forced.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
@@ -159,10 +166,19 @@ async fn serve_http(s: &ServeSettings, state: Arc<routes::AppState>) -> Result<(
             tokio::spawn(async move {
                 tokio::time::sleep(timeout).await;
                 eprintln!("lab serve: shutdown timeout reached, cancelling what is left");
-                std::process::exit(0);
+                // Cut streams end with an error event and [DONE], not silence; then a non-zero
+                // exit says the shutdown was not clean.
+                let reason = format!("the server is shutting down: --shutdown-timeout {timeout:?} expired");
+                forced_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = tokio::time::timeout(Duration::from_secs(2), engine.abort_all(&reason)).await;
+                tokio::time::sleep(Duration::from_secs(2)).await; // the streams end, serve returns
+                std::process::exit(1); // only if a connection still hangs on
             });
         })
         .await?;
+    if forced.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ServeError::ForcedShutdown(timeout));
+    }
     eprintln!("lab serve: stopped");
     Ok(())
 }
