@@ -234,6 +234,14 @@ fn every_refusal_names_its_cause() {
     let m = LoraAdapter::load(&dir, model.config(), 16, DType::F16, &Device::Cpu).unwrap_err().to_string();
     assert!(m.contains("NaN or Inf") && m.contains("v_proj") && m.contains("F16"), "{m}");
     assert!(LoraAdapter::load(&dir, model.config(), 16, DType::F32, &Device::Cpu).is_ok(), "fine in f32");
+    // A weights file larger than any adapter this base accepts is refused before it is read.
+    let m = refusal("huge", |d| {
+        let f = std::fs::OpenOptions::new().append(true).open(d.join("adapter_model.safetensors")).unwrap();
+        f.set_len(64 << 20).unwrap();
+    });
+    assert!(m.contains("bytes, more than any adapter of rank"), "{m}");
+    let m = refusal("bigcfg", |d| std::fs::write(d.join("adapter_config.json"), " ".repeat(2 << 20)).unwrap());
+    assert!(m.contains("an adapter config is at most"), "{m}");
     let m = refusal("bin", |d| {
         std::fs::rename(d.join("adapter_model.safetensors"), d.join("adapter_model.bin")).unwrap();
     });

@@ -115,6 +115,16 @@ pub enum LoraError {
     Candle(#[from] candle_core::Error),
 }
 
+/// Largest `adapter_config.json` read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Largest `adapter_model.safetensors` an adapter of rank `max_rank` on every projection of
+/// `cfg` can be: f64 factors (the widest dtype a PEFT file may hold) plus 1 MiB of header.
+fn max_weights_bytes(cfg: &LlamaConfig, max_rank: usize) -> u64 {
+    let per_layer: usize = LoraModule::ALL.iter().map(|m| m.dims(cfg)).map(|(i, o)| max_rank * (i + o)).sum();
+    (per_layer * cfg.num_hidden_layers * 8) as u64 + (1 << 20)
+}
+
 /// Largest |LoRA scale| accepted at load.
 pub const MAX_LORA_SCALE: f64 = 1000.0;
 
@@ -290,6 +300,23 @@ impl LoraAdapter {
         }
         if !config_path.is_file() || !weights_path.is_file() {
             return Err(LoraError::NotFound(dir.to_path_buf()));
+        }
+        // Sizes first, before anything is read whole: a config is a few hundred bytes, and the
+        // weights of the largest adapter this base accepts are known from its shape.
+        let size =
+            |p: &Path| std::fs::metadata(p).map(|m| m.len()).map_err(|e| LoraError::Io { path: p.into(), source: e });
+        let config_bytes = size(&config_path)?;
+        if config_bytes > MAX_CONFIG_BYTES {
+            return Err(LoraError::Config(format!(
+                "{config_bytes} bytes; an adapter config is at most {MAX_CONFIG_BYTES}"
+            )));
+        }
+        let weights_bytes = size(&weights_path)?;
+        let limit = max_weights_bytes(cfg, max_rank);
+        if weights_bytes > limit {
+            return Err(LoraError::ShapeMismatch(format!(
+                "adapter_model.safetensors is {weights_bytes} bytes, more than any adapter of rank <= {max_rank} for this base ({limit})"
+            )));
         }
         let text = std::fs::read_to_string(&config_path)
             .map_err(|e| LoraError::Io { path: config_path.clone(), source: e })?;
