@@ -568,3 +568,30 @@ fn a_bad_folder_under_lora_dir_is_skipped_not_fatal() {
     assert_eq!(ids, vec![BASE, "good"]);
     assert_eq!(s.chat("good", "hi", 4).1, "length");
 }
+
+/// `--max-waiting N` is exact under a burst: with one running slot busy on a long request, of
+/// 20 requests sent at once at most N (+1 for the one that may be admitted meanwhile) are
+/// accepted and the rest get 503 + Retry-After (the limit read a gauge one engine step stale,
+/// so a burst passed it whole).
+#[test]
+fn max_waiting_holds_exactly_under_a_burst() {
+    let s = &Server::tiny(&["--max-waiting", "4", "--max-num-seqs", "1"]);
+    let mut long = chat_body(BASE, "keep the slot busy", 1500);
+    long["stream"] = json!(true);
+    std::thread::scope(|scope| {
+        let busy = scope.spawn(|| s.chat_stream(&long));
+        std::thread::sleep(Duration::from_millis(100));
+        let results: Vec<u16> = (0..20)
+            .map(|i| scope.spawn(move || s.post("/v1/chat/completions", &chat_body(BASE, &format!("burst {i}"), 2)).0))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let accepted = results.iter().filter(|&&c| c == 200).count();
+        let refused = results.iter().filter(|&&c| c == 503).count();
+        assert_eq!(accepted + refused, 20, "{results:?}");
+        assert!((1..=5).contains(&accepted), "accepted {accepted} of a burst of 20 with --max-waiting 4: {results:?}");
+        let (_, finish, _) = busy.join().unwrap();
+        assert_eq!(finish, "length");
+    });
+}

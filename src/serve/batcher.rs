@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,13 +64,25 @@ pub enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    /// Requests submitted and not yet admitted into the running batch (or ended): counted at
+    /// the point of submission, so `--max-waiting` holds exactly under a burst.
+    queued: Arc<AtomicUsize>,
 }
 
 impl EngineHandle {
-    /// Queues a request; its events arrive on the returned channel.
-    pub fn submit(&self, req: ValidRequest) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
+    /// Queues a request unless `max_waiting` are already queued (then 503 + Retry-After); its
+    /// events arrive on the returned channel.
+    pub fn submit(&self, req: ValidRequest, max_waiting: usize) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
+        let before = self.queued.fetch_add(1, Ordering::SeqCst);
+        if before >= max_waiting {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::Overloaded { waiting: before, limit: max_waiting });
+        }
         let (tx, rx) = tmpsc::unbounded_channel();
-        self.send(Command::Submit(Box::new(req), tx))?;
+        if let Err(e) = self.send(Command::Submit(Box::new(req), tx)) {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(e);
+        }
         Ok(rx)
     }
 
@@ -104,6 +117,8 @@ fn stopped() -> ApiError {
 
 /// One request in flight.
 struct Live {
+    /// Still counted in [`EngineHandle`]'s queue (not admitted yet).
+    queued: bool,
     req: ValidRequest,
     tx: tmpsc::UnboundedSender<Event>,
     sampler: Sampler,
@@ -129,12 +144,20 @@ pub struct Engine {
 /// Starts the engine thread.
 pub fn spawn(engine: Engine) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let engine_queued = queued.clone();
     let metrics = engine.metrics.clone();
     let join = std::thread::Builder::new().name("lab-engine".into()).spawn(move || {
-        let mut state = EngineState { e: engine, tables: BTreeMap::new(), live: BTreeMap::new(), next_id: 0 };
+        let mut state = EngineState {
+            e: engine,
+            tables: BTreeMap::new(),
+            live: BTreeMap::new(),
+            next_id: 0,
+            queued: engine_queued,
+        };
         supervised(|| state.run(rx), || on_engine_death(&metrics));
     })?;
-    Ok((EngineHandle { tx }, join))
+    Ok((EngineHandle { tx, queued }, join))
 }
 
 /// Runs `body`; if it panics, logs the panic and calls `on_death` (which may not return).
@@ -157,6 +180,7 @@ fn on_engine_death(metrics: &Metrics) {
 
 struct EngineState {
     e: Engine,
+    queued: Arc<AtomicUsize>,
     tables: BTreeMap<SeqId, BlockTable>,
     live: BTreeMap<SeqId, Live>,
     next_id: SeqId,
@@ -183,6 +207,7 @@ impl EngineState {
                 e.scheduler.schedule(&mut res)
             };
             self.fail_unschedulable(&plan);
+            self.mark_admitted(&plan);
             if let Err(e) = self.step(&plan) {
                 tracing::error!("engine step failed: {e}");
                 for s in &plan.batch {
@@ -207,6 +232,7 @@ impl EngineState {
                 self.next_id += 1;
                 self.e.scheduler.add(id, req.prompt_ids.clone(), req.adapter.clone());
                 let live = Live {
+                    queued: true,
                     sampler: Sampler::new(&req.params),
                     detok: Detokenizer::new(req.params.stop.clone()),
                     req: *req,
@@ -235,6 +261,16 @@ impl EngineState {
     }
 
     /// Frees the sequences whose client went away.
+    /// Requests in this step's batch have left the queue `--max-waiting` counts.
+    fn mark_admitted(&mut self, plan: &StepPlan) {
+        for s in &plan.batch {
+            if let Some(live) = self.live.get_mut(&s.id).filter(|l| l.queued) {
+                live.queued = false;
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
     fn drop_cancelled(&mut self) {
         let gone: Vec<SeqId> = self.live.iter().filter(|(_, l)| l.tx.is_closed()).map(|(id, _)| *id).collect();
         for id in gone {
@@ -355,6 +391,9 @@ impl EngineState {
     /// Removes `id` everywhere: `Ok(Some(reason))` finished, `Ok(None)` cancelled, `Err` failed.
     fn end(&mut self, id: SeqId, outcome: Result<Option<FinishReason>, ApiError>) {
         let Some(mut live) = self.live.remove(&id) else { return };
+        if live.queued {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
         {
             let EngineState { e, tables, .. } = self;
             let mut res = EngineResources { kv: &mut e.kv, tables, registry: &mut e.registry };

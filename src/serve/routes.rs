@@ -96,17 +96,8 @@ impl AppState {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn check_capacity(&self) -> Result<(), ApiError> {
-        let waiting = self.metrics.update(|m| m.waiting);
-        if waiting >= self.max_waiting {
-            return Err(ApiError::Overloaded { waiting, limit: self.max_waiting });
-        }
-        Ok(())
-    }
-
     async fn run(&self, req: super::validation::ValidRequest) -> Result<Response, ApiError> {
-        self.check_capacity()?;
-        let rx = self.engine.submit(req.clone())?;
+        let rx = self.engine.submit(req.clone(), self.max_waiting)?;
         if req.stream {
             Ok(stream::sse(&req, rx).into_response())
         } else {
