@@ -8,7 +8,9 @@
 #   bash bench/gpu.sh [quick|full|compiled]        (carry: scratch/gpu)
 # quick = selftest + a short bench + smoke; full = selftest + the whole bench grid + serve smoke
 # + the eager peer (transformers + PEFT); compiled = lab bench at batch 1/8/32 beside the
-# compiled peer (torch.compile, static cache: the strongest transformers figure), in one call.
+# compiled peer (torch.compile, static cache: the strongest transformers figure), in one call;
+# decode = selftest + decode at context 512, eager and CUDA graphs, batch 1..256, beside the
+# stock candle-transformers step and the floor, + serve smoke (graph replays counted).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
@@ -35,7 +37,7 @@ run_bench() { # $1 = name, rest = extra flags
   cat "$OUT/bench-$name.md"
 }
 
-if [[ $MODE == quick || $MODE == full ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == decode ]]; then
   log "lab selftest --device cuda"
   $LAB selftest --device cuda 2>&1 | tee "$OUT/selftest.txt"
   rc=${PIPESTATUS[0]}
@@ -51,12 +53,17 @@ if [[ $MODE == quick ]]; then
   $LAB generate --device cuda --model $MODEL --prompt "Hello from the H200" --max-tokens 16 --temperature 0.8 --top-k 40 --seed 3 --json 2>&1 | tail -5 | tee -a "$OUT/generate.txt"
 fi
 
+if [[ $MODE == decode ]]; then
+  run_bench decode --batch 1,8,32,64,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle
+  run_bench decode-profile --batch 1,32 --adapters 0 --prompt-len 512 --decode-steps 8 --repeats 3 --profile --prefill-len 4096
+fi
+
 if [[ $MODE == full ]]; then
   run_bench full --batch 1,8,32,64,128 --adapters 0,1,8,32 --prompt-len 256 --decode-steps 16 --repeats 3 \
     --prefill-len 256,1024,4096 --profile
 fi
 
-if [[ $MODE == quick || $MODE == full || $MODE == compiled ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode ]]; then
   log "lab serve --device cuda (smoke)"
   $LAB serve --device cuda --model $MODEL --kv-cache-memory 8GiB --port 18080 > "$OUT/serve.txt" 2>&1 &
   SERVE=$!
@@ -70,6 +77,7 @@ if [[ $MODE == quick || $MODE == full || $MODE == compiled ]]; then
   curl -s -m 30 http://127.0.0.1:18080/v1/chat/completions -H 'content-type: application/json' \
     -d "{\"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 8, \"stream\": true}" \
     | tail -3 | tee -a "$OUT/serve.txt"
+  curl -s -m 10 http://127.0.0.1:18080/metrics | grep -E '^lab_decode_graph_replays_total|^vllm:generation_tokens_total' | tee -a "$OUT/serve.txt"
   kill -TERM $SERVE; wait $SERVE
   echo "serve exit code: $?" | tee -a "$OUT/serve.txt"
 fi

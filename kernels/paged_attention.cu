@@ -4,7 +4,9 @@
 //   q          [M_total, H, D]          query rows of the packed batch (after RoPE)
 //   k/v cache  [num_blocks * bs, KVH, D] one layer's pool; row = block * bs + pos % bs
 //   rows       [M]                       which q row each processed query is (decode rows)
-//   tables     [M, max_blocks]           block ids of that query's sequence
+//   tables     block ids of each query's sequence: block b of query m at
+//              tables[m * row_stride + b * block_stride] ([M, max_blocks] row-major, or
+//              block-major [max_blocks, M] for CUDA graphs, whose used prefix is contiguous)
 //   ctx        [M]                       keys the query sees (= its position + 1)
 //   out        [M, H, D]
 //
@@ -69,7 +71,7 @@ template <typename T, int MAX_NPL, int MAX_REP>
 __device__ void paged_decode_attention(
     T* __restrict__ out, float* __restrict__ part, const T* __restrict__ q, const T* __restrict__ kc,
     const T* __restrict__ vc, const uint32_t* __restrict__ rows, const uint32_t* __restrict__ tables,
-    const uint32_t* __restrict__ ctx, uint32_t max_blocks, uint32_t bs, uint32_t H, uint32_t KVH, uint32_t D,
+    const uint32_t* __restrict__ ctx, uint32_t row_stride, uint32_t block_stride, uint32_t bs, uint32_t H, uint32_t KVH, uint32_t D,
     float scale) {
     const uint32_t m = blockIdx.x, g = blockIdx.y, p = blockIdx.z, P = gridDim.z;
     const uint32_t warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -78,7 +80,7 @@ __device__ void paged_decode_attention(
     const uint32_t n = ctx[m];
     const uint32_t chunk = (n + P - 1) / P;
     const uint32_t j0 = p * chunk, j1 = min(n, j0 + chunk);
-    const uint32_t* table = tables + (size_t)m * max_blocks;
+    const uint32_t* table = tables + (size_t)m * row_stride;
 
     float qv[MAX_REP][MAX_NPL], acc[MAX_REP][MAX_NPL], mx[MAX_REP], sum[MAX_REP];
     const T* qrow = q + ((size_t)rows[m] * H + (size_t)g * rep) * D;
@@ -97,8 +99,8 @@ __device__ void paged_decode_attention(
         // Two keys per iteration, both loaded before either is used.
         const uint32_t jb = j + warps;
         const bool two = jb < j1;
-        const size_t ra = (size_t)table[j / bs] * bs + j % bs;
-        const size_t rb = two ? (size_t)table[jb / bs] * bs + jb % bs : ra;
+        const size_t ra = (size_t)table[(j / bs) * block_stride] * bs + j % bs;
+        const size_t rb = two ? (size_t)table[(jb / bs) * block_stride] * bs + jb % bs : ra;
         const Floats<MAX_NPL> ka = load_dims<T, MAX_NPL>(kc + (ra * KVH + g) * D, d0, D);
         const Floats<MAX_NPL> va = load_dims<T, MAX_NPL>(vc + (ra * KVH + g) * D, d0, D);
         const Floats<MAX_NPL> kb = load_dims<T, MAX_NPL>(kc + (rb * KVH + g) * D, d0, D);
@@ -185,23 +187,25 @@ __device__ void paged_decode_merge(T* __restrict__ out, const float* __restrict_
     }
 }
 
-// Pseudocode of write_kv: for t in 0..N: cache[slots[t]] = src[t]   (rows of `width` elements)
+// Pseudocode of write_kv: for t in 0..N: cache[slots[t]] = src[t]   (rows of `width` elements),
+// skipping rows whose slot is 0xffffffff (padding rows of a CUDA graph bucket).
 template <typename T>
 __device__ void write_kv(T* __restrict__ cache, const T* __restrict__ src, const uint32_t* __restrict__ slots,
                          uint32_t n, uint32_t width) {
     const size_t total = (size_t)n * width;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
         size_t t = e / width, c = e % width;
-        cache[(size_t)slots[t] * width + c] = src[e];
+        const uint32_t slot = slots[t];
+        if (slot != 0xffffffffu) cache[(size_t)slot * width + c] = src[e];
     }
 }
 
 #define DECODE(T, SUFFIX, NPL, REP)                                                                      \
     extern "C" __global__ void paged_decode_attention_##SUFFIX##_npl##NPL##_rep##REP(                    \
         T* out, float* part, const T* q, const T* kc, const T* vc, const uint32_t* rows,                 \
-        const uint32_t* tables, const uint32_t* ctx, uint32_t max_blocks, uint32_t bs, uint32_t H,       \
+        const uint32_t* tables, const uint32_t* ctx, uint32_t row_stride, uint32_t block_stride, uint32_t bs, uint32_t H,       \
         uint32_t KVH, uint32_t D, float scale) {                                                         \
-        paged_decode_attention<T, NPL, REP>(out, part, q, kc, vc, rows, tables, ctx, max_blocks, bs, H,  \
+        paged_decode_attention<T, NPL, REP>(out, part, q, kc, vc, rows, tables, ctx, row_stride, block_stride, bs, H,  \
                                             KVH, D, scale);                                              \
     }
 

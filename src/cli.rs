@@ -127,6 +127,9 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Run every decode step eagerly (no CUDA graphs), as vLLM's flag.
+    #[arg(long)]
+    pub enforce_eager: bool,
 }
 
 /// `lab loadtest` (open loop; names follow vLLM's benchmark_serving where it has one).
@@ -264,6 +267,14 @@ pub struct BenchArgs {
     /// Also write the JSON lines to this file (the table still goes to stdout).
     #[arg(long)]
     pub json_out: Option<std::path::PathBuf>,
+    /// Time base decode steps eagerly only (by default on CUDA they are also timed as CUDA
+    /// graph replays, as `lab serve` runs them).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Also time the stock candle-transformers Llama (its own KV cache) on the same weights at
+    /// batch 1 and `--prompt-len` context.
+    #[arg(long)]
+    pub stock_candle: bool,
 }
 
 /// `lab selftest`.

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 
 use super::device_and_dtype;
 use crate::cli::ServeArgs;
+use crate::engine::graph::GraphConfig;
 use crate::engine::kv::paged::PagedKvCache;
 use crate::engine::load::load_model;
 use crate::engine::load::source::{lab_home, ModelSource};
@@ -73,6 +74,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        graphs: (!args.enforce_eager)
+            .then_some(GraphConfig { max_batch: args.max_num_seqs, max_context: max_model_len }),
     };
     eprintln!(
         "lab serve: KV cache {kv_blocks} blocks x {} positions ({} MiB), max model len {max_model_len}, {} adapter slots, {} adapters (+ {} found in --lora-dir)",

@@ -14,6 +14,7 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod generate;
+pub mod graph;
 pub mod kv;
 pub mod load;
 pub mod lora;

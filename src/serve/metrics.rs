@@ -78,6 +78,8 @@ pub struct MetricsState {
     /// Finished requests by `finished_reason` (stop, length, abort, error).
     pub finished: BTreeMap<&'static str, u64>,
     pub preemptions: u64,
+    /// Decode steps run as a CUDA graph replay (the rest ran eagerly).
+    pub decode_graph_replays: u64,
     pub adapter_loads: u64,
     pub adapter_evictions: u64,
     pub per_adapter: BTreeMap<String, AdapterCounters>,
@@ -109,6 +111,7 @@ impl Metrics {
             generation_tokens: 0,
             finished: BTreeMap::new(),
             preemptions: 0,
+            decode_graph_replays: 0,
             adapter_loads: 0,
             adapter_evictions: 0,
             per_adapter: BTreeMap::new(),
@@ -160,6 +163,12 @@ impl Metrics {
         counter(&mut out, "vllm:prompt_tokens_total", "Prefill tokens processed.", s.prompt_tokens);
         counter(&mut out, "vllm:generation_tokens_total", "Generation tokens processed.", s.generation_tokens);
         counter(&mut out, "vllm:num_preemptions_total", "Preemptions (recompute).", s.preemptions);
+        counter(
+            &mut out,
+            "lab_decode_graph_replays_total",
+            "Decode steps run as a CUDA graph replay.",
+            s.decode_graph_replays,
+        );
         let _ = writeln!(
             out,
             "# HELP vllm:request_success_total Finished requests.\n# TYPE vllm:request_success_total counter"

@@ -53,6 +53,8 @@ pub struct ServeSettings {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// Decode CUDA graphs (`None`: `--enforce-eager`).
+    pub graphs: Option<crate::engine::graph::GraphConfig>,
 }
 
 /// Errors that stop the server from starting.
@@ -118,6 +120,7 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         metrics: metrics.clone(),
         max_model_len: s.max_model_len,
         base_name: s.served_model_name.clone(),
+        graphs: s.graphs,
     };
     let (handle, engine_thread) = batcher::spawn(engine)?;
     let state = Arc::new(routes::AppState {

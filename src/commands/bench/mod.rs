@@ -9,6 +9,7 @@ mod floor;
 mod points;
 mod profile;
 mod report;
+mod stock;
 
 use std::time::Instant;
 
@@ -36,6 +37,8 @@ pub struct BenchRun {
     pub prefill: Vec<PrefillPoint>,
     pub adapter_load_ms: f64,
     pub profile: Vec<profile::StepProfile>,
+    /// `--stock-candle`: the candle-transformers Llama's batch-1 step and its floor bytes.
+    pub stock: Option<(stock::StockPoint, f64)>,
     /// Device memory in use at the end (the caching pool keeps its high-water mark), bytes.
     pub device_mem_used: Option<usize>,
 }
@@ -61,6 +64,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .filter(|&&l| l > 0)
         .map(|&l| points::prefill_point(&loaded, l, args.repeats))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let stock = if args.stock_candle {
+        let p = stock::decode_point(&loaded, args.prompt_len, args.decode_steps, args.repeats)?;
+        let cfg = loaded.model.config();
+        let bytes = floor::weight_bytes_read(&loaded.model) + floor::kv_bytes_read(cfg, p.context, dtype);
+        Some((p, bytes))
+    } else {
+        None
+    };
     let adapter_load_ms = adapter_load_ms(&loaded, args.lora_rank, dtype, &device)?;
     let profile = if args.profile {
         args.batch
@@ -83,6 +94,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         prefill,
         adapter_load_ms,
         profile,
+        stock,
         device_mem_used: device_mem_used(&device),
     };
     let lines = report::json_lines(&run, &loaded, args);

@@ -7,10 +7,12 @@ use rand::{Rng, SeedableRng};
 
 use super::floor::{self, median};
 use crate::cli::BenchArgs;
+use crate::engine::graph::{DecodeGraphs, GraphConfig};
 use crate::engine::kv::paged::{BlockTable, PagedKvCache};
 use crate::engine::load::LoadedModel;
 use crate::engine::lora::slots::SlotBank;
 use crate::engine::model::{LogitsAt, PackedBatch};
+use crate::engine::sampling::op::{RowParam, RowParams};
 
 /// Positions per KV block (the server's default).
 const BLOCK: usize = 16;
@@ -22,6 +24,8 @@ const PREFILL_CHUNK: usize = 16_384;
 pub struct DecodePoint {
     pub batch: usize,
     pub adapters: usize,
+    /// Replayed as a CUDA graph (else eager launches).
+    pub graph: bool,
     /// Mean context per sequence over the timed steps.
     pub context: usize,
     /// Median step time, ms (forward + greedy pick of every row + its copy to the host).
@@ -47,8 +51,16 @@ pub fn decode_points(
     args: &BenchArgs,
 ) -> anyhow::Result<Vec<DecodePoint>> {
     let (model, cfg) = (&m.model, m.model.config());
+    // Base-only points run eagerly and, on CUDA unless --enforce-eager, again as graph replays
+    // (what `lab serve` runs), so both land in one table.
+    let graphs_on = model.device().is_cuda() && !args.enforce_eager;
+    let modes: Vec<(usize, bool)> = args
+        .adapters
+        .iter()
+        .flat_map(|&n| std::iter::once((n, false)).chain((n == 0 && graphs_on).then_some((n, true))))
+        .collect();
     let steps_per_point = 2 + args.repeats * args.decode_steps;
-    let max_len = args.prompt_len + args.adapters.len() * steps_per_point + 1;
+    let max_len = args.prompt_len + modes.len() * steps_per_point + 1;
     let mut kv = PagedKvCache::new(cfg, batch * max_len.div_ceil(BLOCK), BLOCK, model.dtype(), model.device())?;
     let mut tables: Vec<BlockTable> = (0..batch).map(|_| BlockTable::default()).collect();
     for t in &mut tables {
@@ -65,20 +77,26 @@ pub fn decode_points(
         }
         model.forward(&b, &mut kv.batch(group.iter_mut().collect()), LogitsAt::Last)?;
     }
+    let mut graphs = DecodeGraphs::new(GraphConfig { max_batch: batch, max_context: max_len });
+    let greedy = RowParams(vec![RowParam::GREEDY; batch]);
     let mut out = Vec::new();
-    for &n in &args.adapters {
+    for (n, graph) in modes {
         let slot = |i: usize| (n > 0).then_some(i % n.max(1));
         let mut step = |tables: &mut [BlockTable]| -> anyhow::Result<()> {
             let mut b = PackedBatch::default();
             for (i, t) in tables.iter().enumerate() {
                 b.push_with_slot(&[(t.len() as u32 + i as u32) % vocab], t.len(), slot(i));
             }
-            let logits =
-                model.forward_lora(&b, &mut kv.batch(tables.iter_mut().collect()), Some(bank), LogitsAt::Last)?;
-            greedy_ids(&logits)?;
+            let mut kv = kv.batch(tables.iter_mut().collect());
+            if graph {
+                let ids = graphs.decode(model, &b, &mut kv, &greedy)?;
+                anyhow::ensure!(ids.is_some(), "batch {batch} did not fit a decode graph");
+            } else {
+                greedy_ids(&model.forward_lora(&b, &mut kv, Some(bank), LogitsAt::Last)?)?;
+            }
             Ok(())
         };
-        step(&mut tables)?;
+        step(&mut tables)?; // graph: the capture
         step(&mut tables)?;
         let ctx_start: usize = tables.iter().map(|t| t.len()).sum();
         let mut samples = Vec::with_capacity(args.repeats);
@@ -99,6 +117,7 @@ pub fn decode_points(
         out.push(DecodePoint {
             batch,
             adapters: n,
+            graph,
             context: mean_total_ctx / batch.max(1),
             step_ms: median(&mut samples),
             floor_bytes,

@@ -27,15 +27,26 @@ pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
         println!("measured here: copy {:.0} GB/s (read + write){mm}", c.copy_bytes_per_s / GB);
     }
     println!();
-    println!("| batch | adapters | context | decode step ms | floor ms | x floor | decode tok/s |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| batch | adapters | mode | context | decode step ms | floor ms | x floor | decode tok/s |");
+    println!("|---:|---:|---|---:|---:|---:|---:|---:|");
     for p in &run.decode {
         let (f, x) = match floor_ms(run, p.floor_bytes) {
             Some(f) => (format!("{f:.2}"), format!("{:.2}", p.step_ms / f)),
             None => ("-".into(), "-".into()),
         };
         let tps = p.batch as f64 / (p.step_ms / 1e3);
-        println!("| {} | {} | {} | {:.2} | {f} | {x} | {tps:.0} |", p.batch, p.adapters, p.context, p.step_ms);
+        let mode = if p.graph { "graph" } else { "eager" };
+        println!("| {} | {} | {mode} | {} | {:.2} | {f} | {x} | {tps:.0} |", p.batch, p.adapters, p.context, p.step_ms);
+    }
+    if let Some((p, bytes)) = &run.stock {
+        let x = floor_ms(run, *bytes)
+            .map(|f| format!(", {:.2} x its floor ({f:.2} ms)", p.step_ms / f))
+            .unwrap_or_default();
+        println!();
+        println!(
+            "stock candle-transformers llama (same weights, its own KV cache), batch 1, context {}: {:.2} ms per step{x}",
+            p.context, p.step_ms
+        );
     }
     if !run.prefill.is_empty() {
         println!();
@@ -81,7 +92,7 @@ pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serd
     for p in &run.decode {
         let f = floor_ms(run, p.floor_bytes);
         lines.push(
-            json!({"what": "decode", "run": common, "batch": p.batch, "adapters": p.adapters, "context": p.context,
+            json!({"what": "decode", "run": common, "batch": p.batch, "adapters": p.adapters, "graph": p.graph, "context": p.context,
                    "step_ms": p.step_ms, "floor_ms": f, "floor_ratio": f.map(|f| p.step_ms / f),
                    "floor_GB": p.floor_bytes / GB, "tokens_per_s": p.batch as f64 / (p.step_ms / 1e3)}),
         );
@@ -91,6 +102,11 @@ pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serd
         lines.push(json!({"what": "prefill", "run": common, "tokens": p.len, "ms": p.ms,
                    "tokens_per_s": p.len as f64 / (p.ms / 1e3), "flop": p.flop,
                    "matmul_floor_ms": rate.map(|r| p.flop / r * 1e3)}));
+    }
+    if let Some((p, bytes)) = &run.stock {
+        let f = floor_ms(run, *bytes);
+        lines.push(json!({"what": "stock_candle_decode", "run": common, "batch": 1, "context": p.context,
+                   "step_ms": p.step_ms, "floor_ms": f, "floor_ratio": f.map(|f| p.step_ms / f)}));
     }
     for p in &run.profile {
         lines.push(

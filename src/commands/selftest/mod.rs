@@ -6,6 +6,7 @@
 //! 2e-2: bf16 keeps 8 mantissa bits, so one rounding of an output is already ~4e-3), exact
 //! agreement for copies, ids and greedy tokens. Exits non-zero on any failure.
 
+mod graph_checks;
 mod model_checks;
 mod op_checks;
 
@@ -61,6 +62,9 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
         run("tiny llama", model_checks::logits(&device, dt, seed));
     }
     run("batch invariance", model_checks::batch_invariance(&device, DType::F32, seed));
+    for &dt in &dtypes {
+        run("decode graphs", graph_checks::graph_replay(&device, dt, seed));
+    }
     for &dt in &dtypes {
         run("peft parity", model_checks::peft_parity(&device, dt, &args.fixtures));
     }

@@ -21,11 +21,11 @@ use crate::engine::model::{Llama, LogitsAt, PackedBatch};
 use crate::engine::sampling::argmax;
 
 /// Spread of the bf16 logit checks' weights (see [`random_tensors`]).
-const WIDEN_BF16: f64 = 3.0;
+pub(super) const WIDEN_BF16: f64 = 3.0;
 
 /// Shapes under test: the 8B's attention geometry (head_dim 128, 4 query heads per KV head)
 /// at toy width, and the tiny preset (head_dim 16, 2 per group).
-fn configs() -> Vec<(&'static str, LlamaConfig)> {
+pub(super) fn configs() -> Vec<(&'static str, LlamaConfig)> {
     let tiny = LlamaConfig::preset("tiny").expect("preset");
     let eight_b_like = LlamaConfig {
         vocab_size: 512,
@@ -46,7 +46,7 @@ fn configs() -> Vec<(&'static str, LlamaConfig)> {
 /// flat (greedy ties would make token checks flaky). bf16 checks use a milder spread: with
 /// very wide weights attention is nearly one-hot and one bf16 rounding can flip which key wins,
 /// which measures chaos, not error (x10 gave bf16 logit errors of 0.08-0.18 on the CPU itself).
-fn random_tensors(cfg: &LlamaConfig, seed: u64, widen: f64) -> anyhow::Result<HashMap<String, Tensor>> {
+pub(super) fn random_tensors(cfg: &LlamaConfig, seed: u64, widen: f64) -> anyhow::Result<HashMap<String, Tensor>> {
     let mut t = weights::synthetic_tensors(cfg, seed, DType::F32, &Device::Cpu)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x40);
     for (name, w) in t.iter_mut() {
@@ -62,7 +62,7 @@ fn random_tensors(cfg: &LlamaConfig, seed: u64, widen: f64) -> anyhow::Result<Ha
 /// The model on `device`; `paged` = attention through the in-place paged path (the device
 /// path under test; on the CPU its ops run their reference forms, so `--device cpu` checks the
 /// plan itself) rather than the per-sequence path (the reference).
-fn build(
+pub(super) fn build(
     t: &HashMap<String, Tensor>,
     cfg: &LlamaConfig,
     dtype: DType,
@@ -75,7 +75,7 @@ fn build(
 }
 
 /// A paged pool and one table per sequence, reserved for `len` positions.
-fn pool(model: &Llama, seqs: usize, len: usize) -> anyhow::Result<(PagedKvCache, Vec<BlockTable>)> {
+pub(super) fn pool(model: &Llama, seqs: usize, len: usize) -> anyhow::Result<(PagedKvCache, Vec<BlockTable>)> {
     let mut kv = PagedKvCache::new(model.config(), seqs * len.div_ceil(16) + 1, 16, model.dtype(), model.device())?;
     let mut tables: Vec<BlockTable> = (0..seqs).map(|_| BlockTable::default()).collect();
     for t in &mut tables {

@@ -6,7 +6,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::{randn, rel_err, tolerance, Outcome};
-use crate::engine::attention::paged_ops::{paged_decode_attention, write_kv, DecodeMeta};
+use crate::engine::attention::paged_ops::{paged_decode_attention, write_kv, DecodeMeta, SKIP_SLOT};
 
 /// A random f32 tensor on the CPU and its copy on `device` in `dtype`, the CPU one rounded
 /// through `dtype` so both sides see the same inputs.
@@ -52,54 +52,118 @@ pub fn candle_ops(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Ve
     Ok(out)
 }
 
-/// `write_kv` (exact) and `paged_decode_attention` (relative error) on the device vs the CPU
-/// reference, over shapes of the 8B (32/8/128), SmolLM2 (9/3/64) and the tiny preset (4/2/16).
+/// `write_kv` (exact, padding rows skipped) and `paged_decode_attention` (relative error) on the
+/// device vs the CPU reference, over the head shapes of the 8B (32/8/128), a head-dim-64 GQA
+/// (32/8/64), SmolLM2 (9/3/64) and the tiny preset (4/2/16); queries from 1 to 256 per launch,
+/// contexts up to 300, and on CUDA up to 32k; tables row-major (eager) and block-major (graphs).
 pub fn paged_kernels(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Outcome>> {
     let rng = &mut StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut out = Vec::new();
-    for (h, kvh, d) in [(32, 8, 128), (9, 3, 64), (4, 2, 16)] {
+    for (h, kvh, d) in [(32, 8, 128), (32, 8, 64), (9, 3, 64), (4, 2, 16)] {
         let bs = 16;
         let num_blocks = 64;
         let (kc, kcd) = pair(rng, &[num_blocks * bs, kvh, d], device, dtype)?;
         let (vc, vcd) = pair(rng, &[num_blocks * bs, kvh, d], device, dtype)?;
-        // write_kv: 23 rows into distinct random pool rows.
+        // write_kv: 23 rows into distinct random pool rows, two of them padding (not stored).
         let mut rows: Vec<u32> = (0..(num_blocks * bs) as u32).collect();
         rows.shuffle(rng);
         rows.truncate(23);
+        rows[3] = SKIP_SLOT;
+        rows[17] = SKIP_SLOT;
         let (src, srcd) = pair(rng, &[23, kvh, d], device, dtype)?;
         let (kc2, kcd2) = (kc.copy()?, kcd.copy()?);
         write_kv(&kc2, &src, &Tensor::new(rows.as_slice(), &Device::Cpu)?)?;
         write_kv(&kcd2, &srcd, &Tensor::new(rows.as_slice(), device)?)?;
         let equal = rel_err(&kcd2, &kc2)? == 0.0;
-        out.push(Outcome::exact(format!("write_kv {dtype:?} 23 rows of {kvh}x{d}"), equal, "exact"));
-        // decode: 7 queries, contexts 1..=300 over random block permutations.
-        let m = 7;
-        let (q, qd) = pair(rng, &[m + 3, h, d], device, dtype)?;
-        let q_rows: Vec<u32> = vec![0, 1, 2, 5, 6, 7, 9]; // not the identity: rows are looked up
-        let ctx: Vec<u32> = (0..m).map(|i| if i == 0 { 1 } else { rng.gen_range(2..=300) }).collect();
-        let max_blocks = 300usize.div_ceil(bs);
-        let mut blocks: Vec<u32> = (0..num_blocks as u32).collect();
-        let tables: Vec<u32> = (0..m)
-            .flat_map(|_| {
-                blocks.shuffle(rng);
-                blocks[..max_blocks].to_vec()
-            })
-            .collect();
-        let meta = |dev: &Device| -> anyhow::Result<DecodeMeta> {
-            Ok(DecodeMeta {
-                rows: Tensor::new(q_rows.as_slice(), dev)?,
-                tables: Tensor::from_vec(tables.clone(), (m, max_blocks), dev)?,
-                ctx: Tensor::new(ctx.as_slice(), dev)?,
-                max_blocks,
-                block_size: bs,
-            })
-        };
-        let want = paged_decode_attention(&q, &kc, &vc, &meta(&Device::Cpu)?)?;
-        let got = paged_decode_attention(&qd, &kcd, &vcd, &meta(device)?)?;
-        let name = format!("paged_decode_attention {dtype:?} H{h}/KV{kvh}/D{d} ctx 1..{}", ctx.iter().max().unwrap());
-        out.push(Outcome::rel(name, rel_err(&got, &want)?, tolerance(dtype)));
+        out.push(Outcome::exact(format!("write_kv {dtype:?} 23 rows of {kvh}x{d}, 2 skipped"), equal, "exact"));
+        let mut cases = vec![(7, 300, false)];
+        if h == 32 {
+            cases.push((256, 80, true));
+            if device.is_cuda() {
+                cases.push((2, 32_768, true));
+            }
+        }
+        for (m, max_ctx, block_major) in cases {
+            let name = format!(
+                "paged_decode_attention {dtype:?} H{h}/KV{kvh}/D{d} {m} queries ctx 1..{max_ctx}{}",
+                if block_major { " (graph tables)" } else { "" }
+            );
+            let qs = pair(rng, &[m + 3, h, d], device, dtype)?;
+            let err = decode_case(rng, (&qs, (&kc, &kcd), (&vc, &vcd)), m, max_ctx, bs, block_major, device)
+                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            out.push(Outcome::rel(name, err, tolerance(dtype)));
+        }
     }
     Ok(out)
+}
+
+/// One decode-attention check: `m` queries (from `m + 3` query rows: rows are looked up) with random contexts (the first 1, one at
+/// `max_ctx`) over random block permutations of a pool (re-made large enough for `max_ctx`).
+#[allow(clippy::type_complexity)]
+fn decode_case(
+    rng: &mut StdRng,
+    ((q, qd), (kc, kcd), (vc, vcd)): (&(Tensor, Tensor), (&Tensor, &Tensor), (&Tensor, &Tensor)),
+    m: usize,
+    max_ctx: usize,
+    bs: usize,
+    block_major: bool,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let max_blocks = max_ctx.div_ceil(bs);
+    let (_, kvh, d) = kc.dims3()?;
+    let dtype = kcd.dtype();
+    // A pool large enough for the longest context (the 64-block pool serves the short cases).
+    let big;
+    let ((kc, kcd), (vc, vcd)) = if max_blocks > kc.dim(0)? / bs {
+        big = (
+            pair(rng, &[max_blocks * bs, kvh, d], device, dtype)?,
+            pair(rng, &[max_blocks * bs, kvh, d], device, dtype)?,
+        );
+        ((&big.0 .0, &big.0 .1), (&big.1 .0, &big.1 .1))
+    } else {
+        ((kc, kcd), (vc, vcd))
+    };
+    let num_blocks = kc.dim(0)? / bs;
+    let q_rows: Vec<u32> = {
+        let mut r: Vec<u32> = (0..(m + 3) as u32).collect();
+        r.shuffle(rng);
+        r.truncate(m);
+        r
+    };
+    let ctx: Vec<u32> = (0..m)
+        .map(|i| match i {
+            0 => 1,
+            1 => max_ctx as u32,
+            _ => rng.gen_range(2..=max_ctx as u32),
+        })
+        .collect();
+    let mut blocks: Vec<u32> = (0..num_blocks as u32).collect();
+    let tables: Vec<Vec<u32>> = (0..m)
+        .map(|_| {
+            blocks.shuffle(rng);
+            blocks[..max_blocks].to_vec()
+        })
+        .collect();
+    let row_major: Vec<u32> = tables.iter().flatten().copied().collect();
+    let block_major_flat: Vec<u32> = (0..max_blocks).flat_map(|b| tables.iter().map(move |t| t[b])).collect();
+    let meta = |dev: &Device, bm: bool| -> anyhow::Result<DecodeMeta> {
+        Ok(DecodeMeta {
+            rows: Tensor::new(q_rows.as_slice(), dev)?,
+            tables: if bm {
+                Tensor::from_vec(block_major_flat.clone(), (max_blocks, m), dev)?
+            } else {
+                Tensor::from_vec(row_major.clone(), (m, max_blocks), dev)?
+            },
+            block_major: bm,
+            ctx: Tensor::new(ctx.as_slice(), dev)?,
+            max_blocks,
+            block_size: bs,
+        })
+    };
+    // The reference always reads row-major tables: a block-major device case checks both.
+    let want = paged_decode_attention(q, kc, vc, &meta(&Device::Cpu, false)?)?;
+    let got = paged_decode_attention(qd, kcd, vcd, &meta(device, block_major)?)?;
+    rel_err(&got, &want)
 }
 
 /// Greedy picks on the device (only ids come back) equal the CPU argmax.

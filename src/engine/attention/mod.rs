@@ -124,6 +124,21 @@ impl PagedPlan {
         })
     }
 
+    /// A plan of decode rows only whose metadata already sits on the device at fixed
+    /// addresses (a CUDA graph's static buffers): `slots: [B]` (pool row per query, or
+    /// [`paged_ops::SKIP_SLOT`] for a padding row), `decode` with `rows = 0..B`.
+    pub fn static_decode(k: Vec<Tensor>, v: Vec<Tensor>, block_size: usize, slots: Tensor, decode: DecodeMeta) -> Self {
+        let n = slots.dims().first().copied().unwrap_or(0);
+        Self {
+            view: PagedView { block_size, k, v, tables: Vec::new(), past: Vec::new() },
+            slots,
+            decode: Some(decode),
+            prefill: Vec::new(),
+            order: None,
+            new_lens: vec![1; n],
+        }
+    }
+
     /// Stores this layer's new keys/values in the pool and attends: `q: [N, H, D]`,
     /// `k, v: [N, KVH, D]` -> `[N, H * D]`.
     pub fn attend(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, mode: OpsMode) -> Result<Tensor> {
@@ -169,6 +184,7 @@ pub fn decode_meta(rows: &[u32], ctx: &[u32], tables: &[&[u32]], bs: usize, devi
     Ok(DecodeMeta {
         rows: Tensor::from_vec(rows.to_vec(), m, device)?,
         tables: Tensor::from_vec(flat, (m, max_blocks), device)?,
+        block_major: false,
         ctx: Tensor::from_vec(ctx.to_vec(), m, device)?,
         max_blocks,
         block_size: bs,

@@ -5,7 +5,7 @@
 //! against.
 //!
 //! ```text
-//! write_kv:   for t in 0..N: cache[slots[t]] = src[t]                 (rows of KVH * D)
+//! write_kv:   for t in 0..N: cache[slots[t]] = src[t]  unless slots[t] == SKIP_SLOT  (rows of KVH * D)
 //! decode:     for m in 0..M, h in 0..H (g = h / (H / KVH)):
 //!                 s[j] = dot(q[rows[m], h], k[r_j, g]) / sqrt(D),  r_j = tables[m][j / bs] * bs + j % bs
 //!                 out[m, h] = sum_j softmax(s)[j] * v[r_j, g]        for j in 0..ctx[m]
@@ -20,15 +20,34 @@ use crate::engine::Result;
 pub struct DecodeMeta {
     /// `[M]` u32: packed-batch row of each decode query.
     pub rows: Tensor,
-    /// `[M, max_blocks]` u32: block table of each decode query's sequence (padded).
+    /// u32 block table of each decode query's sequence (padded): `[M, max_blocks]`, or
+    /// `[max_blocks, M]` when `block_major` (a CUDA graph's buffer, whose used blocks are a
+    /// contiguous prefix, so one short upload refills it).
     pub tables: Tensor,
+    pub block_major: bool,
     /// `[M]` u32: keys each query attends to (its position + 1).
     pub ctx: Tensor,
     pub max_blocks: usize,
     pub block_size: usize,
 }
 
-/// `cache[slots[t]] = src[t]` for every row `t` of `src: [N, KVH, D]` (cache `[R, KVH, D]`).
+impl DecodeMeta {
+    /// `(row stride, block stride)` of `tables`: block `b` of query `m` is
+    /// `tables[m * row + b * block]`.
+    pub fn table_strides(&self) -> (usize, usize) {
+        if self.block_major {
+            (1, self.rows.dims().first().copied().unwrap_or(0))
+        } else {
+            (self.max_blocks, 1)
+        }
+    }
+}
+
+/// The slot of a row whose keys are not stored (a padding row of a CUDA graph bucket).
+pub const SKIP_SLOT: u32 = u32::MAX;
+
+/// `cache[slots[t]] = src[t]` for every row `t` of `src: [N, KVH, D]` (cache `[R, KVH, D]`);
+/// rows whose slot is [`SKIP_SLOT`] are not stored.
 pub fn write_kv(cache: &Tensor, src: &Tensor, slots: &Tensor) -> Result<()> {
     let src = src.contiguous()?;
     Ok(cache.inplace_op3(&src, slots, &WriteKv)?)
@@ -63,7 +82,7 @@ impl InplaceOp3 for WriteKv {
         let (c0, _) = contiguous(cl)?;
         macro_rules! copy_rows {
             ($dst:expr, $src:expr) => {{
-                for (t, &r) in slots.iter().enumerate() {
+                for (t, &r) in slots.iter().enumerate().filter(|(_, &r)| r != SKIP_SLOT) {
                     let (d, s) = (c0 + r as usize * width, s0 + t * width);
                     $dst[d..d + width].copy_from_slice(&$src[s..s + width]);
                 }
@@ -129,7 +148,7 @@ impl CustomOp3 for PagedDecode {
         let tables = meta.tables.flatten_all()?.to_vec1::<u32>()?;
         let ctx = meta.ctx.to_vec1::<u32>()?;
         let out =
-            decode_reference(&qf, &kf, &vf, &rows, &tables, &ctx, (meta.max_blocks, meta.block_size), (h, kvh, d));
+            decode_reference(&qf, &kf, &vf, &rows, &tables, &ctx, (meta.table_strides(), meta.block_size), (h, kvh, d));
         let shape = Shape::from((rows.len(), h, d));
         let storage = match q {
             CpuStorage::F32(_) => CpuStorage::F32(out),
@@ -163,7 +182,7 @@ fn decode_reference(
     rows: &[u32],
     tables: &[u32],
     ctx: &[u32],
-    (max_blocks, bs): (usize, usize),
+    ((row_stride, block_stride), bs): ((usize, usize), usize),
     (h, kvh, d): (usize, usize, usize),
 ) -> Vec<f32> {
     let rep = h / kvh;
@@ -171,7 +190,7 @@ fn decode_reference(
     let mut out = vec![0f32; rows.len() * h * d];
     for (m, &row) in rows.iter().enumerate() {
         let n = ctx[m] as usize;
-        let kv_row = |j: usize| tables[m * max_blocks + j / bs] as usize * bs + j % bs;
+        let kv_row = |j: usize| tables[m * row_stride + (j / bs) * block_stride] as usize * bs + j % bs;
         for head in 0..h {
             let g = head / rep;
             let qh = &q[(row as usize * h + head) * d..][..d];

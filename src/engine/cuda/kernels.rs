@@ -118,11 +118,11 @@ pub fn paged_decode(
         warps /= 2;
     }
     // Split each query's keys into `splits` slices (one block each) when the batch alone would
-    // leave most multiprocessors idle; each slice keeps at least two keys per warp.
-    let max_ctx = meta.max_blocks * meta.block_size;
-    let by_occupancy = TARGET_BLOCKS.div_ceil((m * kvh).max(1));
-    let by_keys = max_ctx.div_ceil(2 * warps as usize).max(1);
-    let splits = by_occupancy.min(by_keys).clamp(1, 64) as u32;
+    // leave most multiprocessors idle. The count depends on the batch shape only, never on
+    // the contexts: a CUDA graph fixes the grid at capture while contexts grow (the kernel
+    // divides each query's actual keys over the slices), and eager steps use the same count,
+    // so a graph replay sums in the same order as the eager step it replaces.
+    let splits = TARGET_BLOCKS.div_ceil((m * kvh).max(1)).clamp(1, 64) as u32;
     let cfg = LaunchConfig {
         grid_dim: (m as u32, kvh as u32, splits),
         block_dim: (32 * warps, 1, 1),
@@ -139,7 +139,8 @@ pub fn paged_decode(
     let rows = u32_view!(rows_s, rows_l);
     let tables = u32_view!(tab_s, tab_l);
     let ctx = u32_view!(ctx_s, ctx_l);
-    let (max_blocks, bs) = (meta.max_blocks as u32, meta.block_size as u32);
+    let (row_stride, block_stride) = meta.table_strides();
+    let (row_stride, block_stride, bs) = (row_stride as u32, block_stride as u32, meta.block_size as u32);
     let (hu, kvhu, du) = (h as u32, kvh as u32, d as u32);
     let scale = 1.0f32 / (d as f32).sqrt();
     let (q0, qn) = contiguous(ql)?;
@@ -164,7 +165,7 @@ pub fn paged_decode(
             let vs = v.as_cuda_slice::<$t>()?.slice(v0..v0 + vn);
             let mut b = func.builder();
             b.arg(&out).arg(&part).arg(&qs).arg(&ks).arg(&vs).arg(&rows).arg(&tables).arg(&ctx);
-            b.arg(&max_blocks).arg(&bs).arg(&hu).arg(&kvhu).arg(&du).arg(&scale);
+            b.arg(&row_stride).arg(&block_stride).arg(&bs).arg(&hu).arg(&kvhu).arg(&du).arg(&scale);
             unsafe { b.launch(cfg) }.w()?;
             if let Some(merge) = &merge {
                 let cfg = LaunchConfig {

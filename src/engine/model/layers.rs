@@ -138,6 +138,17 @@ impl RopeTable {
         let idx = Tensor::from_vec(idx, positions.len(), device)?;
         Ok((self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?))
     }
+
+    /// `cos`, `sin` rows of the device positions `positions: [N]` u32, each below
+    /// [`RopeTable::cached_len`] (nothing is uploaded: CUDA graphs replay this).
+    pub fn at_device(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.index_select(positions, 0)?, self.sin.index_select(positions, 0)?))
+    }
+
+    /// Positions the precomputed table covers.
+    pub fn cached_len(&self) -> usize {
+        self.cos.dims()[0]
+    }
 }
 
 /// Llama-3 frequency scaling of one inverse frequency (as in HF `_compute_llama3_parameters`).

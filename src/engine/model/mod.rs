@@ -216,7 +216,7 @@ impl Llama {
         let lora = lora.as_ref();
         let n = batch.tokens.len();
         let ids = Tensor::from_slice(&batch.tokens, n, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let x = self.embed_tokens.index_select(&ids, 0)?;
         let (cos, sin) = self.rope.at(&batch.positions(), &self.device)?;
         let plan = match kv.paged_view() {
             Some(view) if self.paged_kernels && self.mode == OpsMode::Fused => {
@@ -224,16 +224,10 @@ impl Llama {
             }
             _ => None,
         };
-        for (l, block) in self.layers.iter().enumerate() {
-            let h = block.input_layernorm.forward(&x, self.mode)?;
-            let a = self.attention(l, &block.self_attn, &h, batch, (&cos, &sin), kv, plan.as_ref(), lora)?;
-            x = (x + a)?;
-            let h = block.post_attention_layernorm.forward(&x, self.mode)?;
-            let m = &block.mlp;
-            let gate = candle_nn::ops::silu(&proj(&m.gate_proj, &h, l, LoraModule::Gate, lora)?)?;
-            let up = proj(&m.up_proj, &h, l, LoraModule::Up, lora)?;
-            x = (x + proj(&m.down_proj, &(gate * up)?, l, LoraModule::Down, lora)?)?;
-        }
+        let mut x = match &plan {
+            Some(plan) => self.layers_forward(x, (&cos, &sin), &mut Attend::Paged(plan), lora)?,
+            None => self.layers_forward(x, (&cos, &sin), &mut Attend::PerSeq { batch, kv: &mut *kv }, lora)?,
+        };
         if let Some(plan) = &plan {
             kv.commit(plan.new_lens());
         }
@@ -245,7 +239,50 @@ impl Llama {
         if let Some(rows) = rows {
             x = x.index_select(&Tensor::new(rows, &self.device)?, 0)?;
         }
-        let x = self.norm.forward(&x, self.mode)?;
+        self.logits(&x)
+    }
+
+    /// A decode step whose inputs already sit on the device (one token per row, base model,
+    /// paged pool): nothing is uploaded or read back, so the whole step can be captured into a
+    /// CUDA graph and replayed with new values in the same buffers ([`crate::engine::graph`]).
+    /// `ids`, `positions`: `[B]` u32. Returns `[B, vocab]` f32 logits. The caller commits the
+    /// new positions to its KV store.
+    pub fn forward_static_decode(&self, ids: &Tensor, positions: &Tensor, plan: &PagedPlan) -> Result<Tensor> {
+        let x = self.embed_tokens.index_select(ids, 0)?;
+        let (cos, sin) = self.rope.at_device(positions)?;
+        let x = self.layers_forward(x, (&cos, &sin), &mut Attend::Paged(plan), None)?;
+        self.logits(&x)
+    }
+
+    /// Positions a decode step may reach with [`Llama::forward_static_decode`] (its RoPE table).
+    pub fn static_positions(&self) -> usize {
+        self.rope.cached_len()
+    }
+
+    /// Every decoder layer over the packed hidden states `x: [N, hidden]`.
+    fn layers_forward(
+        &self,
+        mut x: Tensor,
+        rope: (&Tensor, &Tensor),
+        attend: &mut Attend<'_>,
+        lora: Option<&LoraCtx>,
+    ) -> Result<Tensor> {
+        for (l, block) in self.layers.iter().enumerate() {
+            let h = block.input_layernorm.forward(&x, self.mode)?;
+            let a = self.attention(l, &block.self_attn, &h, rope, attend, lora)?;
+            x = (x + a)?;
+            let h = block.post_attention_layernorm.forward(&x, self.mode)?;
+            let m = &block.mlp;
+            let gate = candle_nn::ops::silu(&proj(&m.gate_proj, &h, l, LoraModule::Gate, lora)?)?;
+            let up = proj(&m.up_proj, &h, l, LoraModule::Up, lora)?;
+            x = (x + proj(&m.down_proj, &(gate * up)?, l, LoraModule::Down, lora)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and lm_head: f32 logits (f64 for an f64 model).
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(x, self.mode)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(at_least_f32(self.dtype))?)
     }
 
@@ -256,10 +293,8 @@ impl Llama {
         layer: usize,
         attn: &Attention,
         x: &Tensor,
-        batch: &PackedBatch,
         (cos, sin): (&Tensor, &Tensor),
-        kv: &mut dyn KvStore,
-        plan: Option<&PagedPlan>,
+        attend: &mut Attend<'_>,
         lora: Option<&LoraCtx>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -270,10 +305,13 @@ impl Llama {
         let v = proj(&attn.v_proj, x, layer, LoraModule::V, lora)?.reshape((n, nkv, hd))?;
         let q = Rope::apply(&q, cos, sin, self.mode)?;
         let k = Rope::apply(&k, cos, sin, self.mode)?;
-        if let Some(plan) = plan {
-            let o = plan.attend(layer, &q, &k, &v, self.mode)?;
-            return proj(&attn.o_proj, &o, layer, LoraModule::O, lora);
-        }
+        let (batch, kv) = match attend {
+            Attend::Paged(plan) => {
+                let o = plan.attend(layer, &q, &k, &v, self.mode)?;
+                return proj(&attn.o_proj, &o, layer, LoraModule::O, lora);
+            }
+            Attend::PerSeq { batch, kv } => (*batch, &mut **kv),
+        };
         let mut outs = Vec::with_capacity(batch.seqs.len());
         let mut start = 0;
         for (s, span) in batch.seqs.iter().enumerate() {
@@ -289,6 +327,14 @@ impl Llama {
         let o = Tensor::cat(&outs, 0)?;
         proj(&attn.o_proj, &o, layer, LoraModule::O, lora)
     }
+}
+
+/// How a forward's layers reach the KV cache.
+enum Attend<'a> {
+    /// In place on the paged pool, planned once per forward.
+    Paged(&'a PagedPlan),
+    /// Per sequence through the store (CPU, training, contiguous caches).
+    PerSeq { batch: &'a PackedBatch, kv: &'a mut dyn KvStore },
 }
 
 /// Adapters of one forward: the weights and the batch rows grouped by slot.

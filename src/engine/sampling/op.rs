@@ -89,8 +89,15 @@ pub fn sample_on_device(logits: &Tensor, params: &RowParams) -> Result<Vec<u32>>
     Ok(logits.apply_op1_no_bwd(&SampleRows { params })?.to_vec1::<u32>()?)
 }
 
+/// [`sample_on_device`] with the parameters already on the device (`params: [4, rows]` u32, as
+/// [`pack`] lays them out) and the ids left there: `[rows]` u32. Nothing moves between host and
+/// device, so a CUDA graph can replay it. `logits` must be f32 and contiguous.
+pub fn sample_ids(logits: &Tensor, params: &Tensor) -> Result<Tensor> {
+    Ok(logits.apply_op1_no_bwd(&SampleRows { params: params.clone() })?)
+}
+
 /// `[4, rows]` u32, uploaded in one copy: temperature bits, top_k, top_p bits, u bits.
-fn pack(params: &RowParams) -> Vec<u32> {
+pub fn pack(params: &RowParams) -> Vec<u32> {
     let p = &params.0;
     let mut v = Vec::with_capacity(4 * p.len());
     v.extend(p.iter().map(|r| r.temperature.to_bits()));

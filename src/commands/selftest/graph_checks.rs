@@ -1,0 +1,82 @@
+//! Decode graphs against the eager path: the same greedy tokens, step after step, for a bucket
+//! filled exactly and for one with padding rows.
+
+use candle_core::{DType, Device};
+use rand::{Rng, SeedableRng};
+
+use super::model_checks::{build, configs, pool, random_tensors, WIDEN_BF16};
+use super::Outcome;
+use crate::engine::graph::{DecodeGraphs, GraphConfig};
+use crate::engine::model::{Llama, LogitsAt, PackedBatch};
+use crate::engine::sampling::op::{sample_on_device, RowParam, RowParams};
+
+/// Longest random prompt of a sequence.
+const MAX_PROMPT: usize = 48;
+
+/// `seqs` sequences with prompts of 1..=48 random tokens, prefilled together, then `steps`
+/// greedy decode steps of all of them, eagerly and as graph replays; one outcome per
+/// (shape, batch size).
+pub fn graph_replay(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Outcome>> {
+    let steps = if device.is_cuda() { 128 } else { 12 };
+    let mut out = Vec::new();
+    for (label, cfg) in configs() {
+        let t = random_tensors(&cfg, seed, if dtype == DType::F32 { 10.0 } else { WIDEN_BF16 })?;
+        let model = build(&t, &cfg, dtype, device, true)?;
+        // 32 fills its bucket; 29 runs in bucket 32 with three padding rows.
+        for seqs in [32, 29] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ seqs as u64);
+            let prompts: Vec<Vec<u32>> = (0..seqs)
+                .map(|_| {
+                    let len = rng.gen_range(1..=MAX_PROMPT);
+                    (0..len).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()
+                })
+                .collect();
+            let eager = greedy(&model, &prompts, steps, None)?;
+            let mut graphs = DecodeGraphs::new(GraphConfig { max_batch: seqs, max_context: MAX_PROMPT + steps + 1 });
+            let replayed = greedy(&model, &prompts, steps, Some(&mut graphs))?;
+            let same = eager.iter().zip(&replayed).filter(|(a, b)| a == b).count();
+            out.push(Outcome::exact(
+                format!("decode graph {label} {dtype:?}: {seqs} sequences x {steps} steps"),
+                same == seqs && graphs.replays() == steps as u64,
+                format!("{same}/{seqs} token streams equal eager; {} replays", graphs.replays()),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Each prompt's first token from a packed prefill, then `steps` decode steps of all of them
+/// (replays of `graphs` when given, else eager forwards); both pick with the device sampler.
+fn greedy(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    mut graphs: Option<&mut DecodeGraphs>,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let (mut kv, mut tables) = pool(model, prompts.len(), MAX_PROMPT + steps + 1)?;
+    let greedy = RowParams(vec![RowParam::GREEDY; prompts.len()]);
+    let mut b = PackedBatch::default();
+    for p in prompts {
+        b.push(p, 0);
+    }
+    let logits = model.forward(&b, &mut kv.batch(tables.iter_mut().collect()), LogitsAt::Last)?;
+    let mut last = sample_on_device(&logits, &greedy)?;
+    let mut outs: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
+    for _ in 0..steps {
+        let mut b = PackedBatch::default();
+        for (t, tok) in tables.iter().zip(&last) {
+            b.push(&[*tok], t.len());
+        }
+        let mut batch_kv = kv.batch(tables.iter_mut().collect());
+        last = match graphs.as_deref_mut() {
+            Some(g) => g
+                .decode(model, &b, &mut batch_kv, &greedy)?
+                .ok_or_else(|| anyhow::anyhow!("a plain decode step did not replay a graph"))?,
+            None => sample_on_device(&model.forward(&b, &mut batch_kv, LogitsAt::Last)?, &greedy)?,
+        };
+        for (o, t) in outs.iter_mut().zip(&last) {
+            o.push(*t);
+        }
+    }
+    Ok(outs)
+}
