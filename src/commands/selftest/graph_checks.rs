@@ -1,5 +1,11 @@
 //! Decode graphs against the eager path: the same greedy tokens, step after step, for a bucket
 //! filled exactly and for one with padding rows.
+//!
+//! Free-running greedy decoding of a random model is chaotic: one rounding difference flips a
+//! near-tie and the streams part for good. So the exact check runs free (the graph must match
+//! eager bit for bit where the kernels are the same), and the padded bucket is teacher-forced
+//! on the eager tokens: in bf16, cuBLAS picks other GEMM kernels for 29 rows than for 32, whose
+//! roundings differ, so each prediction is compared on the same inputs.
 
 use candle_core::{DType, Device};
 use rand::{Rng, SeedableRng};
@@ -31,15 +37,34 @@ pub fn graph_replay(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
                     (0..len).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()
                 })
                 .collect();
-            let eager = greedy(&model, &prompts, steps, None)?;
+            let eager = greedy(&model, &prompts, steps, None, None)?;
             let mut graphs = DecodeGraphs::new(GraphConfig { max_batch: seqs, max_context: MAX_PROMPT + steps + 1 });
-            let replayed = greedy(&model, &prompts, steps, Some(&mut graphs))?;
-            let same = eager.iter().zip(&replayed).filter(|(a, b)| a == b).count();
-            out.push(Outcome::exact(
-                format!("decode graph {label} {dtype:?}: {seqs} sequences x {steps} steps"),
-                same == seqs && graphs.replays() == steps as u64,
-                format!("{same}/{seqs} token streams equal eager; {} replays", graphs.replays()),
-            ));
+            let full_bucket = graphs.max_batch() == seqs;
+            let forced = (!full_bucket).then_some(eager.as_slice());
+            let replayed = greedy(&model, &prompts, steps, Some(&mut graphs), forced)?;
+            let replays_ok = graphs.replays() == steps as u64;
+            if full_bucket {
+                let same = eager.iter().zip(&replayed).filter(|(a, b)| a == b).count();
+                out.push(Outcome::exact(
+                    format!("decode graph {label} {dtype:?}: {seqs} sequences x {steps} steps"),
+                    same == seqs && replays_ok,
+                    format!("{same}/{seqs} token streams equal eager; {} replays", graphs.replays()),
+                ));
+            } else {
+                let total = seqs * (steps + 1);
+                let same: usize =
+                    eager.iter().zip(&replayed).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x == y).count()).sum();
+                // f32 GEMMs reduce each row alike at any row count: exact. bf16: >= 99%.
+                let need = if dtype == DType::F32 { total } else { total * 99 / 100 };
+                out.push(Outcome::exact(
+                    format!(
+                        "decode graph {label} {dtype:?}: {seqs} sequences in bucket {}, forced",
+                        graphs.max_batch()
+                    ),
+                    same >= need && replays_ok,
+                    format!("{same}/{total} predictions equal eager (need {need}); {} replays", graphs.replays()),
+                ));
+            }
         }
     }
     Ok(out)
@@ -47,11 +72,13 @@ pub fn graph_replay(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
 
 /// Each prompt's first token from a packed prefill, then `steps` decode steps of all of them
 /// (replays of `graphs` when given, else eager forwards); both pick with the device sampler.
+/// With `forced`, step `s` feeds sequence `i` token `forced[i][s]` instead of its own pick.
 fn greedy(
     model: &Llama,
     prompts: &[Vec<u32>],
     steps: usize,
     mut graphs: Option<&mut DecodeGraphs>,
+    forced: Option<&[Vec<u32>]>,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
     let (mut kv, mut tables) = pool(model, prompts.len(), MAX_PROMPT + steps + 1)?;
     let greedy = RowParams(vec![RowParam::GREEDY; prompts.len()]);
@@ -62,7 +89,10 @@ fn greedy(
     let logits = model.forward(&b, &mut kv.batch(tables.iter_mut().collect()), LogitsAt::Last)?;
     let mut last = sample_on_device(&logits, &greedy)?;
     let mut outs: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
-    for _ in 0..steps {
+    for step in 0..steps {
+        if let Some(f) = forced {
+            last = f.iter().map(|s| s[step]).collect();
+        }
         let mut b = PackedBatch::default();
         for (t, tok) in tables.iter().zip(&last) {
             b.push(&[*tok], t.len());

@@ -122,7 +122,10 @@ pub fn paged_decode(
     // the contexts: a CUDA graph fixes the grid at capture while contexts grow (the kernel
     // divides each query's actual keys over the slices), and eager steps use the same count,
     // so a graph replay sums in the same order as the eager step it replaces.
-    let splits = TARGET_BLOCKS.div_ceil((m * kvh).max(1)).clamp(1, 64) as u32;
+    // Rows count as their decode-graph bucket, so an eager step of 29 rows splits as the
+    // replay of bucket 32 does.
+    let rows = crate::engine::graph::BUCKETS.iter().copied().find(|&b| b >= m).unwrap_or(m);
+    let splits = TARGET_BLOCKS.div_ceil((rows * kvh).max(1)).clamp(1, 64) as u32;
     let cfg = LaunchConfig {
         grid_dim: (m as u32, kvh as u32, splits),
         block_dim: (32 * warps, 1, 1),
