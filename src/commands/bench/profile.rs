@@ -12,6 +12,7 @@ use crate::engine::attention::decode_meta;
 use crate::engine::attention::paged_ops::paged_decode_attention;
 use crate::engine::kv::paged::{BlockTable, PagedKvCache};
 use crate::engine::load::LoadedModel;
+use crate::engine::model::layers::Proj;
 use crate::engine::model::{LogitsAt, PackedBatch};
 
 /// The parts of one base decode step at `batch`.
@@ -23,8 +24,10 @@ pub struct StepProfile {
     pub step_ms: f64,
     /// Host time until the forward returned, before waiting for the device (ms).
     pub enqueue_ms: f64,
-    /// Every projection and the lm_head as bare matmuls at this batch (ms).
+    /// Every projection and the lm_head as the model runs them at this batch (ms).
     pub gemm_ms: f64,
+    /// The same products through cuBLAS (`matmul`), for comparison (ms).
+    pub cublas_ms: f64,
     /// Every layer's paged decode attention alone (ms).
     pub attention_ms: f64,
 }
@@ -64,7 +67,8 @@ pub fn profile_step(m: &LoadedModel, batch: usize, context: usize, repeats: usiz
             enqueues.push(enqueue * 1e3);
         }
     }
-    let gemm_ms = gemm_alone(m, batch, repeats)? * 1e3;
+    let gemm_ms = gemm_alone(m, batch, repeats, true)? * 1e3;
+    let cublas_ms = gemm_alone(m, batch, repeats, false)? * 1e3;
     let attention_ms = attention_alone(m, &kv, &tables, repeats)? * 1e3;
     Ok(StepProfile {
         batch,
@@ -72,12 +76,14 @@ pub fn profile_step(m: &LoadedModel, batch: usize, context: usize, repeats: usiz
         step_ms: median(&mut steps),
         enqueue_ms: median(&mut enqueues),
         gemm_ms,
+        cublas_ms,
         attention_ms,
     })
 }
 
-/// Seconds for `x W^T` over every projection weight and the lm_head, `x: [batch, in]`.
-fn gemm_alone(m: &LoadedModel, batch: usize, repeats: usize) -> anyhow::Result<f64> {
+/// Seconds for `x W^T` over every projection weight and the lm_head, `x: [batch, in]`: as the
+/// model's projections run it (`model_path`), or as a plain cuBLAS `matmul`.
+fn gemm_alone(m: &LoadedModel, batch: usize, repeats: usize, model_path: bool) -> anyhow::Result<f64> {
     let weights = m.model.matmul_weights();
     let device = m.model.device();
     let mut inputs: Vec<(usize, Tensor)> = Vec::new();
@@ -90,7 +96,11 @@ fn gemm_alone(m: &LoadedModel, batch: usize, repeats: usize) -> anyhow::Result<f
     median_seconds(device, 1, repeats.max(1), || {
         for w in &weights {
             let x = &inputs.iter().find(|(d, _)| *d == w.dim(1).unwrap_or(0)).expect("an input per width").1;
-            drop(x.matmul(&w.t()?)?);
+            if model_path {
+                drop(Proj::from_weight((*w).clone()).forward(x)?);
+            } else {
+                drop(x.matmul(&w.t()?)?);
+            }
         }
         Ok(())
     })

@@ -64,13 +64,15 @@ pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
     if !run.profile.is_empty() {
         println!();
         println!("where a base decode step goes (isolated re-runs; rest = other ops and launch gaps):");
-        println!("| batch | context | step ms | host enqueue ms | GEMMs alone ms | attention alone ms | rest ms |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "| batch | context | step ms | host enqueue ms | GEMMs alone ms | (cuBLAS: ms) | attention alone ms | rest ms |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         for p in &run.profile {
             let rest = p.step_ms - p.gemm_ms - p.attention_ms;
             println!(
-                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {rest:.2} |",
-                p.batch, p.context, p.step_ms, p.enqueue_ms, p.gemm_ms, p.attention_ms
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {rest:.2} |",
+                p.batch, p.context, p.step_ms, p.enqueue_ms, p.gemm_ms, p.cublas_ms, p.attention_ms
             );
         }
     }
@@ -111,7 +113,7 @@ pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serd
     for p in &run.profile {
         lines.push(
             json!({"what": "profile", "run": common, "batch": p.batch, "context": p.context, "step_ms": p.step_ms,
-                          "enqueue_ms": p.enqueue_ms, "gemm_ms": p.gemm_ms, "attention_ms": p.attention_ms}),
+                          "enqueue_ms": p.enqueue_ms, "gemm_ms": p.gemm_ms, "cublas_ms": p.cublas_ms, "attention_ms": p.attention_ms}),
         );
     }
     lines.push(json!({"what": "summary", "run": common, "load_s": run.load_s, "parameters": m.model.num_parameters(),

@@ -56,6 +56,7 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
     for &dt in &dtypes {
         run("ops", op_checks::candle_ops(&device, dt, seed));
         run("kernels", op_checks::paged_kernels(&device, dt, seed));
+        run("projections", op_checks::projections(&device, dt, seed));
     }
     run("sampler", op_checks::greedy_sampler(&device, seed));
     for &dt in &dtypes {

@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use super::{randn, rel_err, tolerance, Outcome};
 use crate::engine::attention::paged_ops::{paged_decode_attention, write_kv, DecodeMeta, SKIP_SLOT};
+use crate::engine::model::layers::Proj;
 
 /// A random f32 tensor on the CPU and its copy on `device` in `dtype`, the CPU one rounded
 /// through `dtype` so both sides see the same inputs.
@@ -164,6 +165,41 @@ fn decode_case(
     let want = paged_decode_attention(q, kc, vc, &meta(&Device::Cpu, false)?)?;
     let got = paged_decode_attention(qd, kcd, vcd, &meta(device, block_major)?)?;
     rel_err(&got, &want)
+}
+
+/// The projections of a decode step (`Proj::forward`: on CUDA the skinny GEMM kernel for up
+/// to 8 rows, cuBLAS beyond) vs the CPU f32 product, at the 8B's widths and an odd one; and
+/// on the kernel's path, row independence: a row's output is bit-identical alone or among 8.
+pub fn projections(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Outcome>> {
+    let rng = &mut StdRng::seed_from_u64(seed ^ 0x9e);
+    let mut out = Vec::new();
+    for (k, n, rows) in [(4096, 4096, &[1usize, 2, 3, 5, 8, 9][..]), (14336, 1027, &[1, 8][..])] {
+        let (w, wd) = pair(rng, &[n, k], device, dtype)?;
+        let (x, xd) = pair(rng, &[9, k], device, dtype)?;
+        let proj = Proj::from_weight(wd);
+        for &m in rows {
+            let want = x.narrow(0, 0, m)?.matmul(&w.t()?)?;
+            let got = proj.forward(&xd.narrow(0, 0, m)?)?;
+            out.push(Outcome::rel(
+                format!("projection {dtype:?} {m}x{k} @ {n}x{k}^T"),
+                rel_err(&got, &want)?,
+                tolerance(dtype),
+            ));
+        }
+        // A property of the CUDA kernel only (cuBLAS and the CPU GEMM pick blockings per shape).
+        if !(device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16)) {
+            continue;
+        }
+        let alone = proj.forward(&xd.narrow(0, 4, 1)?)?;
+        let among = proj.forward(&xd.narrow(0, 0, 8)?)?.narrow(0, 4, 1)?;
+        let same = rel_err(&alone, &among)? == 0.0;
+        out.push(Outcome::exact(
+            format!("projection {dtype:?} K{k}/N{n}: a row alone = among 8"),
+            same,
+            "bit-identical",
+        ));
+    }
+    Ok(out)
 }
 
 /// Greedy picks on the device (only ids come back) equal the CPU argmax.

@@ -187,7 +187,13 @@ impl Proj {
     }
 
     /// `x: [tokens, in]` -> `[tokens, out]`.
+    ///
+    /// On CUDA through [`FrozenMatmul`], whose few-row case (a decode step) is our skinny GEMM
+    /// kernel rather than cuBLAS's (`kernels/gemv.cu`); the gradient still reaches `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cuda() && x.rank() == 2 {
+            return self.forward_frozen(x);
+        }
         Ok(candle_nn::Linear::new(self.weight.clone(), None).forward(x)?)
     }
 
@@ -231,6 +237,9 @@ impl candle_core::CustomOp2 for FrozenMatmul {
         wl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
+        if let Some(out) = crate::engine::cuda::gemv::try_gemv(x, xl, w, wl)? {
+            return Ok(out);
+        }
         let ((m, k), (n, _)) = (xl.shape().dims2()?, wl.shape().dims2()?);
         let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
         Ok((out, (m, n).into()))
