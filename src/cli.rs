@@ -275,6 +275,10 @@ pub struct BenchArgs {
     /// batch 1 and `--prompt-len` context.
     #[arg(long)]
     pub stock_candle: bool,
+    /// Run decode projections (<= 8 rows) through lab's skinny GEMM kernel instead of cuBLAS
+    /// (off by default until `lab selftest --device cuda` has passed it on the H200).
+    #[arg(long)]
+    pub skinny_gemm: bool,
 }
 
 /// `lab selftest`.

@@ -48,8 +48,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let (device, dtype) = device_and_dtype(&args.model)?;
     let source = ModelSource::parse(args.model.model.as_deref())?;
     let t = Instant::now();
-    let loaded = load_model(&source, &lab_home(), dtype, &device)?;
+    let mut loaded = load_model(&source, &lab_home(), dtype, &device)?;
     let load_s = t.elapsed().as_secs_f64();
+    if args.skinny_gemm {
+        loaded.model = loaded.model.with_skinny_gemm(true);
+    }
     report_loaded(&loaded);
     let ceilings = if args.floor { Some(floor::measure(&device, dtype)?) } else { None };
     let max_adapters = args.adapters.iter().copied().max().unwrap_or(0);

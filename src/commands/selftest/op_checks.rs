@@ -167,8 +167,8 @@ fn decode_case(
     rel_err(&got, &want)
 }
 
-/// The projections of a decode step (`Proj::forward`: on CUDA the skinny GEMM kernel for up
-/// to 8 rows, cuBLAS beyond) vs the CPU f32 product, at the 8B's widths and an odd one; and
+/// The projections of a decode step with the skinny GEMM on (`Proj::forward`: on CUDA
+/// `kernels/gemv.cu` for up to 8 rows, cuBLAS beyond) vs the CPU f32 product, at the 8B's widths and an odd one; and
 /// on the kernel's path, row independence: a row's output is bit-identical alone or among 8.
 pub fn projections(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Outcome>> {
     let rng = &mut StdRng::seed_from_u64(seed ^ 0x9e);
@@ -176,7 +176,7 @@ pub fn projections(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<V
     for (k, n, rows) in [(4096, 4096, &[1usize, 2, 3, 5, 8, 9][..]), (14336, 1027, &[1, 8][..])] {
         let (w, wd) = pair(rng, &[n, k], device, dtype)?;
         let (x, xd) = pair(rng, &[9, k], device, dtype)?;
-        let proj = Proj::from_weight(wd);
+        let proj = Proj::from_weight(wd).with_skinny_gemm(true);
         for &m in rows {
             let want = x.narrow(0, 0, m)?.matmul(&w.t()?)?;
             let got = proj.forward(&xd.narrow(0, 0, m)?)?;

@@ -171,15 +171,25 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
 #[derive(Debug, Clone)]
 pub struct Proj {
     weight: Tensor,
+    /// Few-row products on CUDA through `kernels/gemv.cu` instead of cuBLAS. Off by default:
+    /// the kernel has not yet passed `lab selftest --device cuda` on the H200 (no device was
+    /// lent after it was written); `lab bench --skinny-gemm` and the selftest turn it on.
+    skinny_gemm: bool,
 }
 
 impl Proj {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")? })
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, skinny_gemm: false })
     }
 
     pub fn from_weight(weight: Tensor) -> Self {
-        Self { weight }
+        Self { weight, skinny_gemm: false }
+    }
+
+    /// Turns the skinny GEMM kernel on or off (see the field).
+    pub fn with_skinny_gemm(mut self, on: bool) -> Self {
+        self.skinny_gemm = on;
+        self
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -188,10 +198,10 @@ impl Proj {
 
     /// `x: [tokens, in]` -> `[tokens, out]`.
     ///
-    /// On CUDA through [`FrozenMatmul`], whose few-row case (a decode step) is our skinny GEMM
-    /// kernel rather than cuBLAS's (`kernels/gemv.cu`); the gradient still reaches `x`.
+    /// With the skinny GEMM on, CUDA products go through [`FrozenMatmul`], whose few-row case
+    /// (a decode step) is `kernels/gemv.cu` rather than cuBLAS; the gradient still reaches `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cuda() && x.rank() == 2 {
+        if self.skinny_gemm && x.device().is_cuda() && x.rank() == 2 {
             return self.forward_frozen(x);
         }
         Ok(candle_nn::Linear::new(self.weight.clone(), None).forward(x)?)
@@ -199,7 +209,7 @@ impl Proj {
 
     /// [`Proj::forward`] whose backward skips the (frozen) weight's gradient.
     pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.contiguous()?.apply_op2(&self.weight, FrozenMatmul)?)
+        Ok(x.contiguous()?.apply_op2(&self.weight, FrozenMatmul { skinny_gemm: self.skinny_gemm })?)
     }
 }
 
@@ -208,7 +218,11 @@ impl Proj {
 /// candle's matmul backward always computes both operands' gradients, so training a LoRA on a
 /// plain `matmul` would also build a full `[out, in]` gradient for every frozen base weight
 /// (one extra GEMM per projection per step) and throw it away.
-struct FrozenMatmul;
+struct FrozenMatmul {
+    /// Few-row CUDA products through `kernels/gemv.cu` (read by the CUDA forward only).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    skinny_gemm: bool,
+}
 
 impl candle_core::CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
@@ -237,8 +251,10 @@ impl candle_core::CustomOp2 for FrozenMatmul {
         wl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
-        if let Some(out) = crate::engine::cuda::gemv::try_gemv(x, xl, w, wl)? {
-            return Ok(out);
+        if self.skinny_gemm {
+            if let Some(out) = crate::engine::cuda::gemv::try_gemv(x, xl, w, wl)? {
+                return Ok(out);
+            }
         }
         let ((m, k), (n, _)) = (xl.shape().dims2()?, wl.shape().dims2()?);
         let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;

@@ -111,6 +111,8 @@ pub struct Llama {
     /// Attention reads and writes a paged pool in place (see [`PagedPlan`]) when the KV store
     /// has one; on by default where that path has kernels (CUDA).
     paged_kernels: bool,
+    /// Few-row projections through `kernels/gemv.cu` (see [`Llama::with_skinny_gemm`]).
+    skinny_gemm: bool,
     dtype: DType,
     device: Device,
 }
@@ -159,6 +161,7 @@ impl Llama {
                 && paged_ops::kernel_dtype(vb.dtype())
                 && cfg.head_dim <= 256
                 && cfg.num_attention_heads / cfg.num_key_value_heads <= 8,
+            skinny_gemm: false,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -168,6 +171,33 @@ impl Llama {
     pub fn with_mode(mut self, mode: OpsMode) -> Self {
         self.mode = mode;
         self
+    }
+
+    /// Runs few-row projections through the skinny GEMM kernel on CUDA (see
+    /// [`Proj::with_skinny_gemm`]).
+    pub fn with_skinny_gemm(mut self, on: bool) -> Self {
+        for b in &mut self.layers {
+            let (a, m) = (&mut b.self_attn, &mut b.mlp);
+            for p in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                *p = p.clone().with_skinny_gemm(on);
+            }
+        }
+        self.lm_head = self.lm_head.clone().with_skinny_gemm(on);
+        self.skinny_gemm = on;
+        self
+    }
+
+    /// Whether few-row projections use the skinny GEMM kernel.
+    pub fn skinny_gemm(&self) -> bool {
+        self.skinny_gemm
     }
 
     /// Forces the in-place paged attention path on or off (tests run it on the CPU, where its
