@@ -130,6 +130,13 @@ pub struct ServeArgs {
     /// Run every decode step eagerly (no CUDA graphs), as vLLM's flag.
     #[arg(long)]
     pub enforce_eager: bool,
+    /// Reuse the KV blocks of cached prompt prefixes, keyed by adapter generation (vLLM's
+    /// automatic prefix caching). On by default; accepted for vLLM compatibility.
+    #[arg(long, conflicts_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turn the prefix cache off: every prompt is prefilled in full.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
 }
 
 /// `lab loadtest` (open loop; names follow vLLM's benchmark_serving where it has one).

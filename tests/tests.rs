@@ -8,6 +8,7 @@ mod loadtest;
 mod lora;
 mod model_parity;
 mod peft_interop;
+mod prefix_cache;
 mod serve;
 mod tokenizer;
 mod train;

@@ -74,6 +74,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        prefix_caching: !args.no_enable_prefix_caching,
         graphs: (!args.enforce_eager)
             .then_some(GraphConfig { max_batch: args.max_num_seqs, max_context: max_model_len }),
     };

@@ -43,6 +43,14 @@ pub trait Resources {
     fn release_adapter(&mut self, slot: usize);
     /// Whether `adapter` sits in a slot now.
     fn is_resident(&self, adapter: &str) -> bool;
+    /// Gives `id` (holding no KV yet) the cached KV of the longest cached prefix of `tokens`
+    /// computed under the adapter in `slot` (or the base model); returns the positions covered
+    /// (fewer than `tokens.len()`). Stores without a prefix cache cover nothing.
+    fn attach_prefix(&mut self, _id: SeqId, _tokens: &[u32], _slot: Option<usize>) -> usize {
+        0
+    }
+    /// `id`'s KV now holds `tokens` (from position 0): its full blocks may be cached.
+    fn cache_computed(&mut self, _id: SeqId, _tokens: &[u32], _slot: Option<usize>) {}
 }
 
 /// Answer to [`Resources::acquire_adapter`].
@@ -75,6 +83,10 @@ pub struct StepPlan {
     pub preempted: Vec<SeqId>,
     /// Requests that cannot run (their adapter failed to load), with the reason.
     pub failed: Vec<(SeqId, String)>,
+    /// Prompt tokens of the sequences admitted this step, and how many of them the prefix
+    /// cache supplied (vLLM's `prefix_cache_queries` / `prefix_cache_hits`, in tokens).
+    pub prefix_queries: usize,
+    pub prefix_hits: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -172,11 +184,13 @@ impl Scheduler {
         plan
     }
 
-    /// Records a step's sampled tokens (`None` for chunks that did not sample).
-    pub fn complete(&mut self, plan: &StepPlan, sampled: &[(SeqId, u32)]) {
+    /// Records a step's sampled tokens (`None` for chunks that did not sample); the computed
+    /// positions go to `res`'s prefix cache.
+    pub fn complete(&mut self, plan: &StepPlan, sampled: &[(SeqId, u32)], res: &mut dyn Resources) {
         for s in &plan.batch {
             if let Some(seq) = self.seqs.get_mut(&s.id) {
                 seq.computed = s.past + s.tokens.len();
+                res.cache_computed(s.id, &seq.tokens[..seq.computed], seq.slot);
             }
         }
         for (id, tok) in sampled {
@@ -284,15 +298,21 @@ impl Scheduler {
                     continue;
                 }
             };
-            let n = self.seqs[&id].tokens.len().min(*budget);
-            if !res.reserve(id, n) {
+            let len = self.seqs[&id].tokens.len();
+            let cached = res.attach_prefix(id, &self.seqs[&id].tokens, slot);
+            let n = (len - cached).min(*budget);
+            if !res.reserve(id, cached + n) {
+                res.release(id);
                 if let Some(s) = slot.filter(|_| pinned.is_none()) {
                     res.release_adapter(s);
                 }
                 break; // out of KV blocks: admit nobody else this step
             }
+            plan.prefix_queries += len;
+            plan.prefix_hits += cached;
             let seq = self.seqs.get_mut(&id).expect("waiting seq exists");
             seq.slot = slot;
+            seq.computed = cached;
             admitted.push(seq.arrival);
             self.waiting.retain(|w| *w != id);
             self.running.push(id);
@@ -318,6 +338,10 @@ mod tests {
         pins: Vec<usize>,
         loading: BTreeSet<String>,
         broken: BTreeSet<String>,
+        /// Positions a prefix cache would supply to every admitted sequence (whole blocks).
+        cached_prefix: usize,
+        /// `(id, positions)` reported computed, in order.
+        computed: Vec<(SeqId, usize)>,
     }
 
     impl Fake {
@@ -366,6 +390,14 @@ mod tests {
         fn is_resident(&self, a: &str) -> bool {
             self.slots.iter().any(|s| s.as_deref() == Some(a))
         }
+        fn attach_prefix(&mut self, id: SeqId, tokens: &[u32], _slot: Option<usize>) -> usize {
+            let n = self.cached_prefix.min(tokens.len().saturating_sub(1)) / 4 * 4;
+            self.held.insert(id, n / 4); // shared blocks: not taken from the free count
+            n
+        }
+        fn cache_computed(&mut self, id: SeqId, tokens: &[u32], _slot: Option<usize>) {
+            self.computed.push((id, tokens.len()));
+        }
     }
 
     fn cfg(seqs: usize, tokens: usize) -> SchedulerConfig {
@@ -376,7 +408,7 @@ mod tests {
     fn step(s: &mut Scheduler, res: &mut Fake) -> StepPlan {
         let plan = s.schedule(res);
         let sampled: Vec<(SeqId, u32)> = plan.batch.iter().filter(|c| c.sample).map(|c| (c.id, 7)).collect();
-        s.complete(&plan, &sampled);
+        s.complete(&plan, &sampled, res);
         plan
     }
 
@@ -397,6 +429,27 @@ mod tests {
         let p = step(&mut s, &mut res);
         assert_eq!((p.batch[1].past, p.batch[1].tokens.len(), p.batch[1].sample), (18, 7, true));
         assert!(p.batch.iter().map(|c| c.tokens.len()).sum::<usize>() <= 10);
+    }
+
+    #[test]
+    fn a_cached_prefix_is_not_recomputed_and_computed_positions_are_reported() {
+        let mut res = Fake::new(100, 0);
+        res.cached_prefix = 8;
+        let mut s = Scheduler::new(cfg(4, 64));
+        s.add(1, (0..20).collect(), None);
+        s.add(2, (0..6).collect(), None);
+        let p = step(&mut s, &mut res);
+        assert_eq!((p.batch[0].past, p.batch[0].tokens.len()), (8, 12), "positions 8.. only");
+        assert_eq!((p.batch[1].past, p.batch[1].tokens.len()), (4, 2), "at least one token is computed");
+        assert_eq!((p.prefix_queries, p.prefix_hits), (26, 12));
+        assert_eq!(res.computed, vec![(1, 20), (2, 6)]);
+        let p = step(&mut s, &mut res);
+        assert_eq!((p.batch[0].past, p.prefix_queries), (20, 0), "decodes: no new lookups");
+        // Preempted and re-admitted: the prefix is attached again.
+        s.preempt(1, &mut res);
+        let p = step(&mut s, &mut res);
+        let again = p.batch.iter().find(|c| c.id == 1).unwrap();
+        assert_eq!((again.past, again.tokens.len()), (8, 14), "20 prompt + 2 sampled tokens, 8 cached");
     }
 
     #[test]

@@ -242,6 +242,10 @@ impl EngineState {
             };
             self.fail_unschedulable(&plan);
             self.mark_admitted(&plan);
+            self.e.metrics.update(|m| {
+                m.prefix_cache_queries += plan.prefix_queries as u64;
+                m.prefix_cache_hits += plan.prefix_hits as u64;
+            });
             if let Err(e) = self.step(&plan) {
                 tracing::error!("engine step failed: {e}");
                 for s in &plan.batch {
@@ -358,7 +362,11 @@ impl EngineState {
             let cause = e.to_string().lines().next().unwrap_or_default().to_string();
             self.end(id, Err(ApiError::Internal(format!("sampling failed for this request: {cause}"))));
         }
-        self.e.scheduler.complete(plan, &sampled);
+        {
+            let EngineState { e, tables, .. } = self;
+            let mut res = EngineResources { kv: &mut e.kv, tables, registry: &mut e.registry };
+            e.scheduler.complete(plan, &sampled, &mut res);
+        }
         let prefill: usize = plan
             .batch
             .iter()

@@ -80,6 +80,9 @@ pub struct MetricsState {
     pub preemptions: u64,
     /// Decode steps run as a CUDA graph replay (the rest ran eagerly).
     pub decode_graph_replays: u64,
+    /// Prompt tokens of admitted requests, and those the prefix cache supplied.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
     pub adapter_loads: u64,
     pub adapter_evictions: u64,
     pub per_adapter: BTreeMap<String, AdapterCounters>,
@@ -112,6 +115,8 @@ impl Metrics {
             finished: BTreeMap::new(),
             preemptions: 0,
             decode_graph_replays: 0,
+            prefix_cache_queries: 0,
+            prefix_cache_hits: 0,
             adapter_loads: 0,
             adapter_evictions: 0,
             per_adapter: BTreeMap::new(),
@@ -163,6 +168,18 @@ impl Metrics {
         counter(&mut out, "vllm:prompt_tokens_total", "Prefill tokens processed.", s.prompt_tokens);
         counter(&mut out, "vllm:generation_tokens_total", "Generation tokens processed.", s.generation_tokens);
         counter(&mut out, "vllm:num_preemptions_total", "Preemptions (recompute).", s.preemptions);
+        counter(
+            &mut out,
+            "vllm:prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            s.prefix_cache_queries,
+        );
+        counter(
+            &mut out,
+            "vllm:prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache.",
+            s.prefix_cache_hits,
+        );
         counter(
             &mut out,
             "lab_decode_graph_replays_total",

@@ -53,6 +53,8 @@ pub struct ServeSettings {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// Automatic prefix caching (`--no-enable-prefix-caching` turns it off).
+    pub prefix_caching: bool,
     /// Decode CUDA graphs (`None`: `--enforce-eager`).
     pub graphs: Option<crate::engine::graph::GraphConfig>,
 }
@@ -104,7 +106,8 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         registry.register(name, path);
         catalog.insert(name, path);
     }
-    let mut kv = PagedKvCache::new(&cfg, s.kv_blocks, s.block_size, dtype, &device)?;
+    let mut kv =
+        PagedKvCache::new(&cfg, s.kv_blocks, s.block_size, dtype, &device)?.with_prefix_caching(s.prefix_caching);
     // Before the port opens (so /health never reports a server that would stall its first
     // request on kernel compilation).
     if device.is_cuda() {

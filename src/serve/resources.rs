@@ -42,4 +42,24 @@ impl Resources for EngineResources<'_> {
     fn is_resident(&self, adapter: &str) -> bool {
         self.registry.state().is_resident(adapter)
     }
+
+    fn attach_prefix(&mut self, id: SeqId, tokens: &[u32], slot: Option<usize>) -> usize {
+        let salt = self.salt(slot);
+        self.kv.attach_prefix(self.tables.entry(id).or_default(), tokens, salt)
+    }
+
+    fn cache_computed(&mut self, id: SeqId, tokens: &[u32], slot: Option<usize>) {
+        let salt = self.salt(slot);
+        if let Some(t) = self.tables.get_mut(&id) {
+            self.kv.cache_blocks(t, tokens, salt);
+        }
+    }
+}
+
+impl EngineResources<'_> {
+    /// The prefix-cache salt of KV computed with `slot`: the generation of the adapter it
+    /// holds (unique per load, so a reload never meets its old KV); 0 for the base model.
+    fn salt(&self, slot: Option<usize>) -> u64 {
+        slot.and_then(|s| self.registry.state().slot_contents().get(s).cloned().flatten()).map_or(0, |a| a.generation)
+    }
 }

@@ -2,6 +2,7 @@
 //! values and to hand back every position of that sequence so far.
 
 pub mod paged;
+pub mod prefix;
 
 use candle_core::Tensor;
 

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::engine::kv::prefix::PrefixIndex;
 use crate::engine::kv::{KvStore, PagedView};
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::{EngineError, Result};
@@ -15,6 +16,8 @@ use crate::engine::{EngineError, Result};
 pub struct BlockTable {
     blocks: Vec<u32>,
     len: usize,
+    /// Chain hashes of the leading full blocks the prefix cache knows (see [`PrefixIndex`]).
+    hashes: Vec<u64>,
 }
 
 impl BlockTable {
@@ -39,7 +42,10 @@ pub struct PagedKvCache {
     num_blocks: usize,
     k: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Unreferenced blocks outside the prefix cache.
     free: Vec<u32>,
+    prefix: PrefixIndex,
+    prefix_caching: bool,
 }
 
 impl PagedKvCache {
@@ -54,7 +60,44 @@ impl PagedKvCache {
         }
         // Hand out low block ids first (pop from the back).
         let free = (0..num_blocks as u32).rev().collect();
-        Ok(Self { block_size, num_blocks, k, v, free })
+        let prefix = PrefixIndex::new(num_blocks);
+        Ok(Self { block_size, num_blocks, k, v, free, prefix, prefix_caching: false })
+    }
+
+    /// Keeps full blocks for reuse by later sequences with the same prefix (see
+    /// [`PrefixIndex`]); off by default (benchmarks and tests of the pool itself).
+    pub fn with_prefix_caching(mut self, on: bool) -> Self {
+        self.prefix_caching = on;
+        self
+    }
+
+    /// Attaches to the empty `table` the cached blocks of the longest cached prefix of
+    /// `tokens` under `salt` (the adapter generation, 0 = base); returns the positions they
+    /// cover (whole blocks, fewer than `tokens.len()`). 0 when caching is off.
+    pub fn attach_prefix(&mut self, table: &mut BlockTable, tokens: &[u32], salt: u64) -> usize {
+        if !self.prefix_caching || !table.blocks.is_empty() {
+            return 0;
+        }
+        for (b, h) in self.prefix.attach(tokens, salt, self.block_size) {
+            table.blocks.push(b);
+            table.hashes.push(h);
+        }
+        table.len = table.blocks.len() * self.block_size;
+        table.len
+    }
+
+    /// Indexes the full blocks of `table` that hold `tokens` (its computed positions, from 0)
+    /// under `salt`, so later sequences can attach them.
+    pub fn cache_blocks(&mut self, table: &mut BlockTable, tokens: &[u32], salt: u64) {
+        if self.prefix_caching {
+            let n = tokens.len().min(table.len);
+            self.prefix.register(&table.blocks, &mut table.hashes, &tokens[..n], salt, self.block_size);
+        }
+    }
+
+    /// Blocks in the prefix cache (referenced or not).
+    pub fn num_cached_blocks(&self) -> usize {
+        self.prefix.num_cached()
     }
 
     /// Bytes one block takes across all layers (keys and values).
@@ -70,8 +113,9 @@ impl PagedKvCache {
         self.num_blocks
     }
 
+    /// Blocks a reservation can take: free ones and unreferenced cached ones.
     pub fn num_free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.prefix.num_evictable()
     }
 
     /// Blocks a sequence of `len` positions occupies.
@@ -83,19 +127,35 @@ impl PagedKvCache {
     /// short of blocks.
     pub fn reserve(&mut self, table: &mut BlockTable, new_len: usize) -> bool {
         let need = self.blocks_for(new_len).saturating_sub(table.blocks.len());
-        if need > self.free.len() {
+        if need > self.num_free_blocks() {
             return false;
         }
         for _ in 0..need {
-            table.blocks.push(self.free.pop().expect("checked above"));
+            let b = match self.free.pop() {
+                Some(b) => b,
+                None => self.prefix.evict_oldest().expect("counted above"),
+            };
+            self.prefix.take_fresh(b);
+            table.blocks.push(b);
         }
         true
     }
 
-    /// Returns every block of `table` to the pool.
+    /// Lets go of every block of `table`: blocks no other table references return to the
+    /// pool (cached ones stay findable until the pool needs them).
     pub fn release(&mut self, table: &mut BlockTable) {
-        self.free.extend(table.blocks.drain(..).rev());
+        for b in table.blocks.drain(..).rev() {
+            if self.prefix.release(b) {
+                self.free.push(b);
+            }
+        }
+        table.hashes.clear();
         table.len = 0;
+    }
+
+    /// References held on block `b` (invariant checks in tests).
+    pub fn block_refs(&self, b: u32) -> u32 {
+        self.prefix.refs(b)
     }
 
     /// A [`KvStore`] for one forward over sequences with these tables (in batch order).
@@ -156,5 +216,43 @@ impl KvStore for PagedBatch<'_> {
         for (t, n) in self.tables.iter_mut().zip(new_lens) {
             t.len += n;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(blocks: usize) -> PagedKvCache {
+        let cfg = LlamaConfig::preset("tiny").unwrap();
+        PagedKvCache::new(&cfg, blocks, 4, DType::F32, &Device::Cpu).unwrap().with_prefix_caching(true)
+    }
+
+    #[test]
+    fn shared_blocks_are_refcounted_and_cached_ones_are_evicted_only_when_needed() {
+        let mut kv = pool(6);
+        let toks: Vec<u32> = (0..10).collect();
+        let mut a = BlockTable::default();
+        assert!(kv.reserve(&mut a, 10));
+        a.len = 10;
+        kv.cache_blocks(&mut a, &toks, 5);
+        let mut b = BlockTable::default();
+        assert_eq!(kv.attach_prefix(&mut b, &toks, 5), 8, "two full blocks shared");
+        assert!(kv.reserve(&mut b, 10), "one private block for the tail");
+        assert_eq!(kv.block_refs(a.blocks[0]), 2);
+        assert_eq!(kv.num_free_blocks(), 2);
+        kv.release(&mut a);
+        assert_eq!(kv.block_refs(b.blocks[0]), 1, "b still holds the shared blocks");
+        kv.release(&mut b);
+        assert_eq!(kv.num_free_blocks(), 6, "all usable again");
+        assert_eq!(kv.num_cached_blocks(), 2, "and the two full blocks stay cached");
+        let mut c = BlockTable::default();
+        assert_eq!(kv.attach_prefix(&mut c, &toks, 5), 8, "found after release");
+        kv.release(&mut c);
+        let mut big = BlockTable::default();
+        assert!(kv.reserve(&mut big, 24), "six blocks: the cached ones are evicted for it");
+        assert_eq!(kv.num_cached_blocks(), 0);
+        kv.release(&mut big);
+        assert_eq!(kv.attach_prefix(&mut BlockTable::default(), &toks, 5), 0);
     }
 }
