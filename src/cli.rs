@@ -137,6 +137,13 @@ pub struct ServeArgs {
     /// Turn the prefix cache off: every prompt is prefilled in full.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+    /// Admission order: fcfs (vLLM's default) or fair (least-served tenant first, tenant =
+    /// adapter; the Virtual Token Counter).
+    #[arg(long, default_value = "fcfs")]
+    pub scheduling_policy: crate::engine::scheduler::fair::Policy,
+    /// Running sequences of one tenant (adapter) at most.
+    #[arg(long, value_parser = at_least_one())]
+    pub max_running_per_tenant: Option<usize>,
 }
 
 /// `lab loadtest` (open loop; names follow vLLM's benchmark_serving where it has one).

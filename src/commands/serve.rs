@@ -67,6 +67,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             max_num_seqs: args.max_num_seqs,
             max_num_batched_tokens: args.max_num_batched_tokens.max(1),
             max_wait_steps: args.max_wait_steps,
+            policy: args.scheduling_policy,
+            max_running_per_tenant: args.max_running_per_tenant,
         },
         kv_blocks,
         block_size: args.block_size,

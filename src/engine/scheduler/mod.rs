@@ -16,8 +16,16 @@
 //!    (no starvation). A request whose adapter is
 //!    still loading is skipped this step (the load runs in the background) without blocking
 //!    the others.
+//!
+//! With `--scheduling-policy fair`, step 2 orders the waiting requests by their tenant's
+//! service instead of arrival ([`fair`]: the Virtual Token Counter), after the starving ones;
+//! `--max-running-per-tenant` caps one tenant's running sequences under either policy.
+
+pub mod fair;
 
 use std::collections::{BTreeMap, VecDeque};
+
+use fair::{Policy, TokenCounters};
 
 /// A sequence's identity (the server's request id).
 pub type SeqId = u64;
@@ -29,6 +37,9 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Steps a waiting request may be passed over for residency before it goes first.
     pub max_wait_steps: usize,
+    pub policy: Policy,
+    /// Running sequences of one tenant at most (`None`: no cap).
+    pub max_running_per_tenant: Option<usize>,
 }
 
 /// What a step may use: KV blocks and adapter slots.
@@ -108,15 +119,29 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
     arrivals: u64,
+    /// Service per tenant (used by [`Policy::Fair`]).
+    service: TokenCounters,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        Self { cfg, seqs: BTreeMap::new(), waiting: VecDeque::new(), running: Vec::new(), arrivals: 0 }
+        Self {
+            cfg,
+            seqs: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            arrivals: 0,
+            service: TokenCounters::default(),
+        }
     }
 
     /// Queues a validated request (prompt already tokenized and checked against the limits).
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, adapter: Option<String>) {
+        let tenant = adapter.clone().unwrap_or_default();
+        if !self.seqs.values().any(|s| tenant_of(s) == tenant) {
+            let active: Vec<String> = self.seqs.values().map(|s| tenant_of(s).to_string()).collect();
+            self.service.activate(&tenant, active.iter().map(String::as_str));
+        }
         self.arrivals += 1;
         let seq = Seq { tokens: prompt, computed: 0, adapter, slot: None, passed_over: 0, arrival: self.arrivals };
         self.seqs.insert(id, seq);
@@ -196,6 +221,8 @@ impl Scheduler {
         for (id, tok) in sampled {
             if let Some(seq) = self.seqs.get_mut(id) {
                 seq.tokens.push(*tok);
+                let tenant = seq.adapter.clone().unwrap_or_default();
+                self.service.charge_output(&tenant, 1);
             }
         }
     }
@@ -236,51 +263,76 @@ impl Scheduler {
         self.waiting.push_front(id);
     }
 
-    /// Admission order: starving requests, then resident adapters (or base), then the rest;
-    /// FIFO within each group.
+    /// Admission order: starving requests (by arrival), then under FCFS resident adapters (or
+    /// base) before the rest, FIFO within each; under `fair` the least-served tenant first
+    /// (residency, then arrival, break ties).
     fn admission_order(&self, res: &dyn Resources) -> Vec<SeqId> {
-        let rank = |id: &SeqId| {
-            let s = &self.seqs[id];
-            let starving = s.passed_over >= self.cfg.max_wait_steps;
-            let resident = s.adapter.as_deref().is_none_or(|a| res.is_resident(a));
-            // Starving requests strictly by arrival; the rest resident-first.
-            if starving {
-                (0, false, s.arrival)
-            } else {
-                (1, !resident, s.arrival)
-            }
-        };
         let mut order: Vec<SeqId> = self.waiting.iter().copied().collect();
-        order.sort_by_key(rank);
+        order.sort_by_key(|id| self.rank(*id, res));
         order
+    }
+
+    /// Sort key of a waiting request (see [`Scheduler::admission_order`]).
+    fn rank(&self, id: SeqId, res: &dyn Resources) -> (bool, u64, bool, u64) {
+        let s = &self.seqs[&id];
+        if s.passed_over >= self.cfg.max_wait_steps {
+            return (false, 0, false, s.arrival);
+        }
+        let resident = s.adapter.as_deref().is_none_or(|a| res.is_resident(a));
+        // Counters are finite and non-negative, so their bit patterns sort as the values.
+        let service = match self.cfg.policy {
+            Policy::Fcfs => 0,
+            Policy::Fair => self.service.get(tenant_of(s)).to_bits(),
+        };
+        (true, service, !resident, s.arrival)
+    }
+
+    /// Running sequences of `tenant`.
+    fn running_of(&self, tenant: &str) -> usize {
+        self.running.iter().filter(|id| tenant_of(&self.seqs[id]) == tenant).count()
     }
 
     /// Every waiting request that arrived before an admitted one was passed over once more
     /// (counting steps instead would call every request under load "starving" and turn
     /// resident-first admission into FIFO, thrashing the slots).
-    fn count_passed_over(&mut self, admitted_arrivals: &[u64]) {
+    ///
+    /// Under `fair`, admitting a later request of a less-served tenant is the policy, not a
+    /// pass-over: only admissions at no less service than the waiting request's tenant count
+    /// (else a noisy tenant's backlog would all turn "starving" and jump the fair order).
+    fn count_passed_over(&mut self, admitted: &[(u64, f64)]) {
+        let fair = self.cfg.policy == Policy::Fair;
         for id in &self.waiting {
+            let own = self.seqs.get(id).map(|s| self.service.get(tenant_of(s))).unwrap_or(0.0);
             if let Some(s) = self.seqs.get_mut(id) {
-                s.passed_over += admitted_arrivals.iter().filter(|&&a| a > s.arrival).count();
+                s.passed_over += admitted.iter().filter(|(a, svc)| *a > s.arrival && (!fair || *svc >= own)).count();
             }
         }
     }
 
-    /// Admits what fits; returns the arrival numbers of the requests it admitted.
-    fn admit(&mut self, res: &mut dyn Resources, budget: &mut usize, plan: &mut StepPlan) -> Vec<u64> {
+    /// Admits what fits; returns the arrival number of each request it admitted and its
+    /// tenant's service before admission.
+    fn admit(&mut self, res: &mut dyn Resources, budget: &mut usize, plan: &mut StepPlan) -> Vec<(u64, f64)> {
         let mut admitted = Vec::new();
         // Set once a starving request cannot get a slot: from then on this step admits no
         // request that would pin a slot, so running sequences drain the pins and a slot comes
         // free for it. Without this, steady traffic on resident adapters re-pins every slot
         // each step and the starving request waits for ever.
         let mut slots_held_for_starving = false;
-        for id in self.admission_order(res) {
+        let mut order = self.admission_order(res);
+        let mut next = 0;
+        while next < order.len() {
+            let id = order[next];
+            next += 1;
             if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 {
                 break;
             }
             let seq = &self.seqs[&id];
             let (adapter, pinned) = (seq.adapter.clone(), seq.slot);
             let starving = seq.passed_over >= self.cfg.max_wait_steps;
+            let tenant = adapter.clone().unwrap_or_default();
+            if self.cfg.max_running_per_tenant.is_some_and(|cap| self.running_of(&tenant) >= cap) {
+                continue;
+            }
             if slots_held_for_starving && adapter.is_some() && pinned.is_none() {
                 continue;
             }
@@ -310,17 +362,31 @@ impl Scheduler {
             }
             plan.prefix_queries += len;
             plan.prefix_hits += cached;
+            let service = self.service.get(&tenant);
+            self.service.charge_prompt(&tenant, len);
             let seq = self.seqs.get_mut(&id).expect("waiting seq exists");
             seq.slot = slot;
             seq.computed = cached;
-            admitted.push(seq.arrival);
+            admitted.push((seq.arrival, service));
             self.waiting.retain(|w| *w != id);
             self.running.push(id);
             plan.batch.push(self.chunk(id, n));
             *budget -= n;
+            if self.cfg.policy == Policy::Fair {
+                // The admitted tenant's service grew: the rest of the queue re-sorts.
+                let rest = order.split_off(next);
+                let mut rest = rest;
+                rest.sort_by_key(|id| self.rank(*id, res));
+                order.extend(rest);
+            }
         }
         admitted
     }
+}
+
+/// The tenant a sequence's service is counted for: its adapter, `""` for the base model.
+fn tenant_of(s: &Seq) -> &str {
+    s.adapter.as_deref().unwrap_or("")
 }
 
 #[cfg(test)]
@@ -401,7 +467,13 @@ mod tests {
     }
 
     fn cfg(seqs: usize, tokens: usize) -> SchedulerConfig {
-        SchedulerConfig { max_num_seqs: seqs, max_num_batched_tokens: tokens, max_wait_steps: 3 }
+        SchedulerConfig {
+            max_num_seqs: seqs,
+            max_num_batched_tokens: tokens,
+            max_wait_steps: 3,
+            policy: Policy::Fcfs,
+            max_running_per_tenant: None,
+        }
     }
 
     /// Runs one step, "sampling" token 7 for every chunk that asks for it.
@@ -450,6 +522,77 @@ mod tests {
         let p = step(&mut s, &mut res);
         let again = p.batch.iter().find(|c| c.id == 1).unwrap();
         assert_eq!((again.past, again.tokens.len()), (8, 14), "20 prompt + 2 sampled tokens, 8 cached");
+    }
+
+    fn fair(seqs: usize, tokens: usize) -> SchedulerConfig {
+        SchedulerConfig { policy: Policy::Fair, ..cfg(seqs, tokens) }
+    }
+
+    /// A noisy tenant queues 10 requests, then a quiet one queues 1; two run at a time.
+    fn noisy_then_quiet(c: SchedulerConfig) -> (Scheduler, Fake) {
+        let mut s = Scheduler::new(c);
+        for i in 0..10 {
+            s.add(i, vec![1; 8], Some("noisy".into()));
+        }
+        s.add(100, vec![1; 8], Some("quiet".into()));
+        (s, Fake::new(1000, 4))
+    }
+
+    #[test]
+    fn fair_admits_the_least_served_tenant_first_fcfs_by_arrival() {
+        let (mut s, mut res) = noisy_then_quiet(cfg(2, 64));
+        let ids: Vec<SeqId> = step(&mut s, &mut res).batch.iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec![0, 1], "fcfs: arrival order");
+        let (mut s, mut res) = noisy_then_quiet(fair(2, 64));
+        let ids: Vec<SeqId> = step(&mut s, &mut res).batch.iter().map(|c| c.id).collect();
+        assert_eq!(ids, vec![0, 100], "fair: the quiet tenant goes before noisy's second request");
+    }
+
+    #[test]
+    fn fair_is_work_conserving_and_the_per_tenant_cap_holds() {
+        let (mut s, mut res) = noisy_then_quiet(fair(8, 256));
+        let p = step(&mut s, &mut res);
+        assert_eq!(p.batch.len(), 8, "capacity the quiet tenant leaves goes to the noisy one");
+        let capped = SchedulerConfig { max_running_per_tenant: Some(3), ..fair(8, 256) };
+        let (mut s, mut res) = noisy_then_quiet(capped);
+        let p = step(&mut s, &mut res);
+        let noisy = p.batch.iter().filter(|c| c.id < 100).count();
+        assert_eq!((noisy, p.batch.len()), (3, 4), "3 noisy + the quiet one");
+    }
+
+    #[test]
+    fn under_fair_a_quiet_tenant_waits_for_one_slot_not_for_the_noisy_backlog() {
+        // One running sequence at a time; the noisy tenant keeps 20 requests queued, the quiet
+        // one sends a request every few steps: each quiet request runs next.
+        let mut res = Fake::new(1000, 4);
+        let mut s = Scheduler::new(fair(1, 64));
+        let mut next_noisy = 0;
+        for _ in 0..20 {
+            s.add(next_noisy, vec![1; 4], Some("noisy".into()));
+            next_noisy += 1;
+        }
+        for q in 0..5u64 {
+            let id = 1000 + q;
+            s.add(id, vec![1; 4], Some("quiet".into()));
+            let mut waited = 0;
+            loop {
+                let p = step(&mut s, &mut res);
+                let running: Vec<SeqId> = s.running_ids().to_vec();
+                if p.batch.iter().any(|c| c.id == id) {
+                    break;
+                }
+                waited += 1;
+                assert!(waited <= 3, "quiet request {id} waited {waited} steps");
+                for r in running {
+                    s.finish(r, &mut res); // one token each: done
+                    s.add(next_noisy, vec![1; 4], Some("noisy".into()));
+                    next_noisy += 1;
+                }
+            }
+            for r in s.running_ids().to_vec() {
+                s.finish(r, &mut res);
+            }
+        }
     }
 
     #[test]
