@@ -178,7 +178,8 @@ pub struct LoadtestArgs {
     /// its answers are scored (models without a domain are sent, not scored).
     #[arg(long, value_delimiter = ',', required = true)]
     pub models: Vec<String>,
-    /// How requests pick a model: uniform, zipf:S or round-robin.
+    /// How requests pick a model: uniform, zipf:S, round-robin, or weights:NAME=W,... (named
+    /// models at weight W, the rest at 1; e.g. weights:noisy=10 for a tenant at 10x the others).
     #[arg(long, default_value = "uniform")]
     pub mix: String,
     /// Prompt domains from datasets/ (eval splits), comma-separated (default A,B,C unless

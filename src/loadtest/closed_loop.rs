@@ -19,7 +19,7 @@ pub async fn run_step(
     let total = s.warmup_s + s.duration_s;
     let seed = s.seed.wrapping_add(step as u64 * 1_000_003);
     // Enough model picks for any plausible request count; indices wrap.
-    let picks = Arc::new(schedule::pick_models(s.mix, s.models.len(), 100_000, seed));
+    let picks = Arc::new(schedule::pick_models(&s.mix, &super::model_names(s), 100_000, seed));
     let bar = super::progress_bar(s, step, &format!("{n} clients"), 0);
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();

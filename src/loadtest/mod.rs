@@ -96,6 +96,11 @@ pub struct LoadtestResult {
     pub requests: Vec<RequestRecord>,
 }
 
+/// The models' names, in `--models` order.
+fn model_names(s: &LoadtestSettings) -> Vec<String> {
+    s.models.iter().map(|(m, _)| m.clone()).collect()
+}
+
 /// A prompt ready to send, with what validation needs.
 #[derive(Debug, Clone)]
 pub(crate) struct Prompt {
@@ -204,7 +209,7 @@ async fn run_step(
     let total = s.warmup_s + s.duration_s;
     let seed = s.seed.wrapping_add(step as u64 * 1_000_003);
     let times = schedule::arrivals(s.arrival, qps, total, seed);
-    let picks = schedule::pick_models(s.mix, s.models.len(), times.len(), seed);
+    let picks = schedule::pick_models(&s.mix, &model_names(s), times.len(), seed);
     let bar = progress_bar(s, step, &format!("{qps} QPS"), times.len());
     let permits = Arc::new(tokio::sync::Semaphore::new(s.max_in_flight.max(1)));
     let start = Instant::now() + Duration::from_millis(50);
@@ -286,6 +291,7 @@ fn summarize_step(s: &LoadtestSettings, qps: f64, records: &[RequestRecord]) -> 
             output_tokens: r.measured.output_tokens,
             capped: r.measured.capped_s > 0.0,
             scored: r.correct.zip(r.domain.clone()).map(|(c, d)| (d, c)),
+            model: &r.model,
         })
         .collect();
     stats::summarize(qps, s.duration_s, &samples)

@@ -50,6 +50,7 @@ pub fn table(steps: &[StepSummary], recommended: Option<f64>) -> String {
             s.output_tokens_per_s
         );
     }
+    per_model_table(&mut out, steps);
     if steps.iter().all(|s| s.concurrency.is_some()) {
         let _ = writeln!(out, "closed loop (c = clients sending back to back): throughput, not latency under load");
         return out;
@@ -64,6 +65,37 @@ pub fn table(steps: &[StepSummary], recommended: Option<f64>) -> String {
         }
     }
     out
+}
+
+/// Per-model rows of every step that sent to more than one model (what fairness is judged by).
+fn per_model_table(out: &mut String, steps: &[StepSummary]) {
+    if steps.iter().all(|s| s.per_model.is_empty()) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "per model:\n{:>8} {:<24} {:>6} {:>6} {:>6} {:>20} {:>20}",
+        "QPS", "model", "sent", "done", "errors", "TTFT p50/95/99 ms", "E2E p50/95/99 ms"
+    );
+    for s in steps {
+        let step = match s.concurrency {
+            Some(n) => format!("c={n}"),
+            None => format!("{:.2}", s.offered_qps),
+        };
+        for (m, r) in &s.per_model {
+            let _ = writeln!(
+                out,
+                "{:>8} {:<24} {:>6} {:>6} {:>6} {:>20} {:>20}",
+                step,
+                m,
+                r.sent,
+                r.completed,
+                r.errors,
+                p3(r.ttft),
+                p3(r.e2e)
+            );
+        }
+    }
 }
 
 /// `results.csv`: one row per step.

@@ -33,12 +33,15 @@ impl FromStr for Arrival {
 }
 
 /// How requests pick a model (`--mix`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Mix {
     Uniform,
     /// Model i (0-based) with probability proportional to 1/(i+1)^s.
     Zipf(f64),
     RoundRobin,
+    /// `weights:NAME=W,...`: each named model with weight W, the others weight 1 (a noisy
+    /// tenant at 10x the others: `weights:customer-01=10`).
+    Weights(Vec<(String, f64)>),
 }
 
 impl FromStr for Mix {
@@ -47,12 +50,28 @@ impl FromStr for Mix {
         match s {
             "uniform" => Ok(Mix::Uniform),
             "round-robin" => Ok(Mix::RoundRobin),
+            _ if s.starts_with("weights:") => parse_weights(&s["weights:".len()..]).map(Mix::Weights),
             _ => match s.strip_prefix("zipf:").map(str::parse::<f64>) {
                 Some(Ok(v)) if v > 0.0 => Ok(Mix::Zipf(v)),
-                _ => Err(format!("unknown mix `{s}` (use uniform, round-robin or zipf:S with S > 0)")),
+                _ => Err(format!(
+                    "unknown mix `{s}` (use uniform, round-robin, zipf:S with S > 0 or weights:NAME=W,...)"
+                )),
             },
         }
     }
+}
+
+/// `NAME=W,NAME=W`: finite positive weights.
+fn parse_weights(spec: &str) -> Result<Vec<(String, f64)>, String> {
+    spec.split(',')
+        .map(|kv| {
+            let (name, w) = kv.split_once('=').ok_or_else(|| format!("`{kv}` in --mix weights: expected NAME=W"))?;
+            match w.parse::<f64>() {
+                Ok(w) if w.is_finite() && w > 0.0 => Ok((name.to_string(), w)),
+                _ => Err(format!("`{kv}` in --mix weights: W must be a positive number")),
+            }
+        })
+        .collect()
 }
 
 /// Arrival offsets in seconds from the step's start, covering `[0, secs)` at `qps` on average.
@@ -74,16 +93,21 @@ pub fn arrivals(arrival: Arrival, qps: f64, secs: f64, seed: u64) -> Vec<f64> {
     out
 }
 
-/// Model index per request.
-pub fn pick_models(mix: Mix, n_models: usize, n: usize, seed: u64) -> Vec<usize> {
+/// Model index (into `models`) per request.
+pub fn pick_models(mix: &Mix, models: &[String], n: usize, seed: u64) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_u64);
+    let n_models = models.len();
+    let weighted = |w: Vec<f64>, rng: &mut ChaCha8Rng| {
+        let dist = rand::distributions::WeightedIndex::new(&w).expect("positive weights");
+        (0..n).map(|_| dist.sample(rng)).collect()
+    };
     match mix {
         Mix::RoundRobin => (0..n).map(|i| i % n_models).collect(),
         Mix::Uniform => (0..n).map(|_| rng.gen_range(0..n_models)).collect(),
-        Mix::Zipf(s) => {
-            let w: Vec<f64> = (0..n_models).map(|i| 1.0 / ((i + 1) as f64).powf(s)).collect();
-            let dist = rand::distributions::WeightedIndex::new(&w).expect("positive weights");
-            (0..n).map(|_| dist.sample(&mut rng)).collect()
+        Mix::Zipf(s) => weighted((0..n_models).map(|i| 1.0 / ((i + 1) as f64).powf(*s)).collect(), &mut rng),
+        Mix::Weights(named) => {
+            let w = models.iter().map(|m| named.iter().find(|(n, _)| n == m).map_or(1.0, |(_, w)| *w)).collect();
+            weighted(w, &mut rng)
         }
     }
 }
@@ -176,8 +200,14 @@ mod tests {
         assert_eq!((m.len(), m[0].as_str(), m[49].as_str()), (50, "customer-01", "customer-50"));
         assert_eq!(expand_models(&["a".into(), "b{1..2}".into()]).unwrap(), vec!["a", "b1", "b2"]);
         assert!(expand_models(&["x{3..1}".into()]).is_err());
-        assert_eq!(pick_models(Mix::RoundRobin, 3, 5, 0), vec![0, 1, 2, 0, 1]);
-        let z = pick_models(Mix::Zipf(1.0), 10, 20_000, 0);
+        let names = |n: usize| (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>();
+        assert_eq!(pick_models(&Mix::RoundRobin, &names(3), 5, 0), vec![0, 1, 2, 0, 1]);
+        let w: Mix = "weights:m2=10".parse().unwrap();
+        let picks = pick_models(&w, &names(5), 14_000, 0);
+        let share = picks.iter().filter(|&&i| i == 2).count() as f64 / picks.len() as f64;
+        assert!((share - 10.0 / 14.0).abs() < 0.02, "weighted share of m2: {share}");
+        assert!("weights:a=0".parse::<Mix>().is_err() && "weights:a".parse::<Mix>().is_err());
+        let z = pick_models(&Mix::Zipf(1.0), &names(10), 20_000, 0);
         let first = z.iter().filter(|&&i| i == 0).count() as f64 / 20_000.0;
         let h: f64 = (1..=10).map(|i| 1.0 / i as f64).sum();
         assert!((first - 1.0 / h).abs() < 0.02, "zipf share of model 0: {first}");

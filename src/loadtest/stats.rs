@@ -50,6 +50,19 @@ pub struct StepSummary {
     /// `--validate`: correct / scored per domain letter.
     pub accuracy: BTreeMap<String, (usize, usize)>,
     pub saturated: bool,
+    /// The same latencies per model (tenant), when the step sent to more than one.
+    pub per_model: BTreeMap<String, ModelSummary>,
+}
+
+/// One model's share of a step.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelSummary {
+    pub sent: usize,
+    pub completed: usize,
+    pub errors: usize,
+    pub e2e: Option<Percentiles>,
+    pub ttft: Option<Percentiles>,
+    pub tpot: Option<Percentiles>,
 }
 
 impl StepSummary {
@@ -74,6 +87,7 @@ pub struct Sample<'a> {
     pub capped: bool,
     /// `(domain letter, correct)` when validated.
     pub scored: Option<(String, bool)>,
+    pub model: &'a str,
 }
 
 /// Summarizes the measured window `[0, duration_s)` of a step (warm-up already excluded;
@@ -102,6 +116,22 @@ pub fn summarize(offered_qps: f64, duration_s: f64, samples: &[Sample]) -> StepS
         let e = s.accuracy.entry(d).or_default();
         e.0 += usize::from(correct);
         e.1 += 1;
+    }
+    let models: std::collections::BTreeSet<&str> = samples.iter().map(|x| x.model).collect();
+    if models.len() > 1 {
+        for m in models {
+            let mine: Vec<&Sample> = samples.iter().filter(|x| x.model == m).collect();
+            let ok: Vec<&&Sample> = mine.iter().filter(|x| x.ok).collect();
+            let summary = ModelSummary {
+                sent: mine.len(),
+                completed: ok.len(),
+                errors: mine.len() - ok.len(),
+                e2e: percentiles(ok.iter().map(|x| x.e2e_s)),
+                ttft: percentiles(ok.iter().filter_map(|x| x.ttft_s)),
+                tpot: percentiles(ok.iter().filter_map(|x| x.tpot_s)),
+            };
+            s.per_model.insert(m.to_string(), summary);
+        }
     }
     s
 }
