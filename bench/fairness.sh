@@ -5,6 +5,8 @@
 # (their baseline), then all five under --scheduling-policy fcfs, then under fair. Results
 # under ${OUT:-bench/out/fairness}.
 #   bash bench/fairness.sh ADAPTER_DIR [QUIET_QPS_EACH] [SECONDS]
+# SERVE_FLAGS adds serve flags (e.g. "--max-num-seqs 8": a bounded running set, so a queue
+# forms under overload and the admission order decides who runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ADAPTER=${1:?usage: bash bench/fairness.sh ADAPTER_DIR [QUIET_QPS_EACH] [SECONDS]}
@@ -18,7 +20,8 @@ MODS=()
 for t in q1 q2 q3 q4 noisy; do MODS+=("$t=$ADAPTER"); done
 run() { # $1 = name, $2 = policy, $3 = models, $4 = qps, rest = loadtest flags
   local name=$1 policy=$2 models=$3 qps=$4; shift 4
-  $LAB serve --port $PORT --scheduling-policy "$policy" --max-loras 8 --lora-modules "${MODS[@]}" \
+  # shellcheck disable=SC2086
+  $LAB serve --port $PORT --scheduling-policy "$policy" --max-loras 8 ${SERVE_FLAGS:-} --lora-modules "${MODS[@]}" \
     > "$OUT/serve-$name.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 120); do grep -q "listening on" "$OUT/serve-$name.log" && break; sleep 1; done
