@@ -174,9 +174,6 @@ impl Scheduler {
     /// Plans the next step.
     pub fn schedule(&mut self, res: &mut dyn Resources) -> StepPlan {
         let mut plan = StepPlan::default();
-        if self.cfg.policy == Policy::Fair {
-            self.make_room_for_idle_tenants(res, &mut plan);
-        }
         let mut budget = self.cfg.max_num_batched_tokens;
         // Oldest first; a preemption victim is the newest, so it was not scheduled yet
         // (or is the current sequence).
@@ -210,42 +207,6 @@ impl Scheduler {
         let admitted = self.admit(res, &mut budget, &mut plan);
         self.count_passed_over(&admitted);
         plan
-    }
-
-    /// Fair policy with a full running set: for each waiting tenant with nothing running, the
-    /// newest sequence of the most-served tenant running two or more is preempted, so the idle
-    /// tenant's request is admitted now instead of after some running request ends. A
-    /// preempted sequence keeps its tokens (and its cached full blocks, with the prefix cache),
-    /// so it resumes at little cost.
-    fn make_room_for_idle_tenants(&mut self, res: &mut dyn Resources, plan: &mut StepPlan) {
-        if self.running.len() < self.cfg.max_num_seqs {
-            return;
-        }
-        let mut idle: Vec<String> = Vec::new();
-        for id in &self.waiting {
-            let t = tenant_of(&self.seqs[id]);
-            if self.running_of(t) == 0 && !idle.iter().any(|i| i == t) {
-                idle.push(t.to_string());
-            }
-        }
-        for _ in idle {
-            let mut busy: Vec<(f64, String)> = Vec::new();
-            for id in &self.running {
-                let t = tenant_of(&self.seqs[id]);
-                if self.running_of(t) >= 2 && !busy.iter().any(|(_, b)| b == t) {
-                    busy.push((self.service.get(t), t.to_string()));
-                }
-            }
-            let Some((_, victim_tenant)) = busy.into_iter().max_by(|a, b| a.0.total_cmp(&b.0)) else { return };
-            let victim = *self
-                .running
-                .iter()
-                .filter(|id| tenant_of(&self.seqs[id]) == victim_tenant)
-                .max_by_key(|id| self.seqs[id].arrival)
-                .expect("the tenant runs two or more");
-            self.preempt(victim, res);
-            plan.preempted.push(victim);
-        }
     }
 
     /// Records a step's sampled tokens (`None` for chunks that did not sample); the computed
@@ -645,28 +606,6 @@ mod tests {
                 s.finish(r, &mut res);
             }
         }
-    }
-
-    #[test]
-    fn under_fair_a_full_running_set_makes_room_for_an_idle_tenant() {
-        let mut res = Fake::new(1000, 4);
-        let mut s = Scheduler::new(fair(2, 64));
-        s.add(0, vec![1; 4], Some("noisy".into()));
-        s.add(1, vec![1; 4], Some("noisy".into()));
-        step(&mut s, &mut res);
-        assert_eq!(s.running_ids(), &[0, 1]);
-        s.add(2, vec![1; 4], Some("quiet".into()));
-        let p = step(&mut s, &mut res);
-        assert_eq!(p.preempted, vec![1], "the busy tenant's newest sequence makes room");
-        assert!(p.batch.iter().any(|c| c.id == 2), "the idle tenant runs now");
-        let p = step(&mut s, &mut res);
-        assert!(p.preempted.is_empty(), "one running each: nobody is preempted again");
-        let mut fcfs = Scheduler::new(cfg(2, 64));
-        fcfs.add(0, vec![1; 4], Some("noisy".into()));
-        fcfs.add(1, vec![1; 4], Some("noisy".into()));
-        step(&mut fcfs, &mut res);
-        fcfs.add(2, vec![1; 4], Some("quiet".into()));
-        assert!(step(&mut fcfs, &mut res).preempted.is_empty(), "fcfs never preempts for fairness");
     }
 
     #[test]
