@@ -37,6 +37,40 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, mode: Ops
     Ok(o.reshape((nh, l, hd))?.transpose(0, 1)?.reshape((l, nh * hd))?)
 }
 
+/// Score elements (`heads x queries x keys`) one [`causal_sdpa`] chunk may hold: 2^28 f32 =
+/// 1 GiB, so a 32k-token prompt runs in chunks of 256 queries instead of needing 137 GB for
+/// the scores of the 8B's 32 heads at once.
+const SCORE_BUDGET: usize = 1 << 28;
+
+/// Causal attention of `L` new queries (`q: [L, H, D]`, positions `past..past + L`) against
+/// `k, v: [S, KVH, D]` (`S = past + L`), in chunks of queries whose scores fit
+/// [`SCORE_BUDGET`]; each chunk builds its own `[chunk, S]` mask, so neither the scores nor the
+/// mask of the whole prompt is ever held. Short prompts run as one [`sdpa`] call (unchanged).
+pub fn causal_sdpa(q: &Tensor, k: &Tensor, v: &Tensor, past: usize, mode: OpsMode) -> Result<Tensor> {
+    causal_sdpa_within(q, k, v, past, mode, SCORE_BUDGET)
+}
+
+fn causal_sdpa_within(q: &Tensor, k: &Tensor, v: &Tensor, past: usize, mode: OpsMode, budget: usize) -> Result<Tensor> {
+    let (l, h, _) = q.dims3()?;
+    let s = k.dim(0)?;
+    let chunk = (budget / (h * s).max(1)).max(1);
+    let (dtype, device) = (k.dtype(), k.device());
+    if l <= chunk {
+        let mask = (l > 1).then(|| causal_mask(l, s, past, dtype, device)).transpose()?;
+        return sdpa(q, k, v, mask.as_ref(), mode);
+    }
+    let mut outs = Vec::with_capacity(l.div_ceil(chunk));
+    for start in (0..l).step_by(chunk) {
+        let n = chunk.min(l - start);
+        // Keys past the chunk's last position are masked anyway: leave them out.
+        let keys = past + start + n;
+        let mask = causal_mask(n, keys, past + start, dtype, device)?;
+        let (kc, vc) = (k.narrow(0, 0, keys)?, v.narrow(0, 0, keys)?);
+        outs.push(sdpa(&q.narrow(0, start, n)?, &kc, &vc, Some(&mask), mode)?);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
 /// `[L, S]` additive mask: query `i` (position `past + i`) sees keys `0..=past + i`.
 ///
 /// Built with device ops (no host array of `L * S` values to upload).
@@ -57,7 +91,7 @@ struct PrefillSeq {
     /// Pool rows of positions `0..past + len` when the chunk continues a cached past; `None`
     /// when it starts at 0 and attends to its own fresh keys only.
     gather: Option<Tensor>,
-    mask: Tensor,
+    past: usize,
 }
 
 /// How one forward uses the paged pool, built once and reused by every layer: the pool row of
@@ -78,7 +112,7 @@ pub struct PagedPlan {
 
 impl PagedPlan {
     /// Plans `batch` over `view`; fails when a sequence's blocks were not reserved.
-    pub fn new(batch: &PackedBatch, view: PagedView, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(batch: &PackedBatch, view: PagedView, device: &Device) -> Result<Self> {
         let bs = view.block_size;
         let mut slots = Vec::with_capacity(batch.tokens.len());
         let (mut d_rows, mut d_ctx, mut d_tables) = (Vec::new(), Vec::new(), Vec::new());
@@ -106,8 +140,7 @@ impl PagedPlan {
                 let gather = (past > 0)
                     .then(|| Tensor::from_vec((0..end).map(row).collect::<Vec<u32>>(), end, device))
                     .transpose()?;
-                let mask = causal_mask(span.len, end, past, dtype, device)?;
-                prefill.push(PrefillSeq { start, len: span.len, gather, mask });
+                prefill.push(PrefillSeq { start, len: span.len, gather, past });
             }
             start += span.len;
         }
@@ -155,7 +188,7 @@ impl PagedPlan {
                 Some(rows) => (kc.index_select(rows, 0)?, vc.index_select(rows, 0)?),
                 None => (k.narrow(0, p.start, p.len)?, v.narrow(0, p.start, p.len)?),
             };
-            parts.push(sdpa(&q.narrow(0, p.start, p.len)?, &kk, &vv, Some(&p.mask), mode)?);
+            parts.push(causal_sdpa(&q.narrow(0, p.start, p.len)?, &kk, &vv, p.past, mode)?);
         }
         let o = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 0)? };
         let o = match &self.order {
@@ -215,4 +248,24 @@ fn packed_order(
         return Ok(None);
     }
     Ok(Some(Tensor::from_vec(order, n, device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_causal_attention_equals_one_pass() {
+        let dev = Device::Cpu;
+        let (l, past, h, kvh, d) = (37, 5, 4, 2, 16);
+        let q = Tensor::randn(0f32, 1.0, (l, h, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (past + l, kvh, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (past + l, kvh, d), &dev).unwrap();
+        let whole = causal_sdpa_within(&q, &k, &v, past, OpsMode::Fused, usize::MAX).unwrap();
+        // 4 heads x 42 keys: a budget of 1400 scores gives chunks of 8 queries (5 chunks).
+        let chunked = causal_sdpa_within(&q, &k, &v, past, OpsMode::Fused, 1400).unwrap();
+        let err = (&whole - &chunked).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-5, "max abs diff {err}");
+        assert_eq!(whole.dims(), &[l, h * d]);
+    }
 }

@@ -7,7 +7,7 @@ pub mod layers;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::engine::attention::{causal_mask, paged_ops, sdpa, PagedPlan};
+use crate::engine::attention::{causal_sdpa, paged_ops, PagedPlan};
 use crate::engine::kv::KvStore;
 use crate::engine::lora::op::{apply_lora, LoraWeights, RowGroups};
 use crate::engine::lora::{LoraModule, ProjKey};
@@ -250,7 +250,7 @@ impl Llama {
         let (cos, sin) = self.rope.at(&batch.positions(), &self.device)?;
         let plan = match kv.paged_view() {
             Some(view) if self.paged_kernels && self.mode == OpsMode::Fused => {
-                Some(PagedPlan::new(batch, view, self.dtype, &self.device)?)
+                Some(PagedPlan::new(batch, view, &self.device)?)
             }
             _ => None,
         };
@@ -347,11 +347,7 @@ impl Llama {
         for (s, span) in batch.seqs.iter().enumerate() {
             let (k_all, v_all) =
                 kv.store_and_fetch(s, layer, &k.narrow(0, start, span.len)?, &v.narrow(0, start, span.len)?)?;
-            let keys = k_all.dim(0)?;
-            let mask = (span.len > 1)
-                .then(|| causal_mask(span.len, keys, span.past_len, self.dtype, &self.device))
-                .transpose()?;
-            outs.push(sdpa(&q.narrow(0, start, span.len)?, &k_all, &v_all, mask.as_ref(), self.mode)?);
+            outs.push(causal_sdpa(&q.narrow(0, start, span.len)?, &k_all, &v_all, span.past_len, self.mode)?);
             start += span.len;
         }
         let o = Tensor::cat(&outs, 0)?;
