@@ -217,6 +217,7 @@ impl StaticStep {
             rows: field(MetaLayout::ROWS, b)?,
             tables: field(MetaLayout::TABLES, b * mb)?.reshape((mb, b))?,
             block_major: true,
+            grouped: model.grouped_attention(),
             ctx: field(MetaLayout::CTX, b)?,
             max_blocks: mb,
             block_size: pool.block_size,

@@ -117,7 +117,7 @@ fn attention_alone(m: &LoadedModel, kv: &PagedKvCache, tables: &[BlockTable], re
     let rows: Vec<u32> = (0..batch as u32).collect();
     let ctx: Vec<u32> = view.past.iter().map(|&p| p as u32).collect();
     let tables: Vec<&[u32]> = view.tables.iter().map(Vec::as_slice).collect();
-    let meta = decode_meta(&rows, &ctx, &tables, view.block_size, device)?;
+    let meta = decode_meta(&rows, &ctx, &tables, view.block_size, device, m.model.grouped_attention())?;
     median_seconds(device, 1, repeats.max(1), || {
         for l in 0..cfg.num_hidden_layers {
             drop(paged_decode_attention(&q, &view.k[l], &view.v[l], &meta)?);

@@ -85,14 +85,19 @@ pub fn paged_kernels(device: &Device, dtype: DType, seed: u64) -> anyhow::Result
             }
         }
         for (m, max_ctx, block_major) in cases {
-            let name = format!(
-                "paged_decode_attention {dtype:?} H{h}/KV{kvh}/D{d} {m} queries ctx 1..{max_ctx}{}",
-                if block_major { " (graph tables)" } else { "" }
-            );
-            let qs = pair(rng, &[m + 3, h, d], device, dtype)?;
-            let err = decode_case(rng, (&qs, (&kc, &kcd), (&vc, &vcd)), m, max_ctx, bs, block_major, device)
-                .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            out.push(Outcome::rel(name, err, tolerance(dtype)));
+            // Both kernels: the grouped-lanes one is checked on every case too.
+            for grouped in [false, true] {
+                let name = format!(
+                    "paged_decode_attention{} {dtype:?} H{h}/KV{kvh}/D{d} {m} queries ctx 1..{max_ctx}{}",
+                    if grouped { " grouped" } else { "" },
+                    if block_major { " (graph tables)" } else { "" }
+                );
+                let qs = pair(rng, &[m + 3, h, d], device, dtype)?;
+                let err =
+                    decode_case(rng, (&qs, (&kc, &kcd), (&vc, &vcd)), m, max_ctx, bs, block_major, grouped, device)
+                        .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                out.push(Outcome::rel(name, err, tolerance(dtype)));
+            }
         }
     }
     Ok(out)
@@ -108,6 +113,7 @@ fn decode_case(
     max_ctx: usize,
     bs: usize,
     block_major: bool,
+    grouped: bool,
     device: &Device,
 ) -> anyhow::Result<f64> {
     let max_blocks = max_ctx.div_ceil(bs);
@@ -147,7 +153,7 @@ fn decode_case(
         .collect();
     let row_major: Vec<u32> = tables.iter().flatten().copied().collect();
     let block_major_flat: Vec<u32> = (0..max_blocks).flat_map(|b| tables.iter().map(move |t| t[b])).collect();
-    let meta = |dev: &Device, bm: bool| -> anyhow::Result<DecodeMeta> {
+    let meta = |dev: &Device, bm: bool, grouped: bool| -> anyhow::Result<DecodeMeta> {
         Ok(DecodeMeta {
             rows: Tensor::new(q_rows.as_slice(), dev)?,
             tables: if bm {
@@ -156,14 +162,15 @@ fn decode_case(
                 Tensor::from_vec(row_major.clone(), (m, max_blocks), dev)?
             },
             block_major: bm,
+            grouped,
             ctx: Tensor::new(ctx.as_slice(), dev)?,
             max_blocks,
             block_size: bs,
         })
     };
     // The reference always reads row-major tables: a block-major device case checks both.
-    let want = paged_decode_attention(q, kc, vc, &meta(&Device::Cpu, false)?)?;
-    let got = paged_decode_attention(qd, kcd, vcd, &meta(device, block_major)?)?;
+    let want = paged_decode_attention(q, kc, vc, &meta(&Device::Cpu, false, false)?)?;
+    let got = paged_decode_attention(qd, kcd, vcd, &meta(device, block_major, grouped)?)?;
     rel_err(&got, &want)
 }
 

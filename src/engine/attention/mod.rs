@@ -112,7 +112,7 @@ pub struct PagedPlan {
 
 impl PagedPlan {
     /// Plans `batch` over `view`; fails when a sequence's blocks were not reserved.
-    pub fn new(batch: &PackedBatch, view: PagedView, device: &Device) -> Result<Self> {
+    pub fn new(batch: &PackedBatch, view: PagedView, device: &Device, grouped: bool) -> Result<Self> {
         let bs = view.block_size;
         let mut slots = Vec::with_capacity(batch.tokens.len());
         let (mut d_rows, mut d_ctx, mut d_tables) = (Vec::new(), Vec::new(), Vec::new());
@@ -144,7 +144,8 @@ impl PagedPlan {
             }
             start += span.len;
         }
-        let decode = (!d_rows.is_empty()).then(|| decode_meta(&d_rows, &d_ctx, &d_tables, bs, device)).transpose()?;
+        let decode =
+            (!d_rows.is_empty()).then(|| decode_meta(&d_rows, &d_ctx, &d_tables, bs, device, grouped)).transpose()?;
         let order = packed_order(batch, &d_rows, &prefill, device)?;
         let n = slots.len();
         Ok(Self {
@@ -207,7 +208,14 @@ impl PagedPlan {
 
 /// Decode metadata on `device`: query rows, their block tables (padded to the longest) and
 /// context lengths.
-pub fn decode_meta(rows: &[u32], ctx: &[u32], tables: &[&[u32]], bs: usize, device: &Device) -> Result<DecodeMeta> {
+pub fn decode_meta(
+    rows: &[u32],
+    ctx: &[u32],
+    tables: &[&[u32]],
+    bs: usize,
+    device: &Device,
+    grouped: bool,
+) -> Result<DecodeMeta> {
     let m = rows.len();
     let max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
     let mut flat = vec![0u32; m * max_blocks];
@@ -218,6 +226,7 @@ pub fn decode_meta(rows: &[u32], ctx: &[u32], tables: &[&[u32]], bs: usize, devi
         rows: Tensor::from_vec(rows.to_vec(), m, device)?,
         tables: Tensor::from_vec(flat, (m, max_blocks), device)?,
         block_major: false,
+        grouped,
         ctx: Tensor::from_vec(ctx.to_vec(), m, device)?,
         max_blocks,
         block_size: bs,

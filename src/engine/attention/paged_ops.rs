@@ -25,6 +25,9 @@ pub struct DecodeMeta {
     /// contiguous prefix, so one short upload refills it).
     pub tables: Tensor,
     pub block_major: bool,
+    /// Run the grouped-lanes kernel (`kernels/paged_attention_grouped.cu`) where it applies;
+    /// off by default until the H200 selftest has passed it.
+    pub grouped: bool,
     /// `[M]` u32: keys each query attends to (its position + 1).
     pub ctx: Tensor,
     pub max_blocks: usize,

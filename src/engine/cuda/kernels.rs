@@ -13,6 +13,20 @@ use crate::engine::attention::paged_ops::{contiguous, DecodeMeta};
 const PAGED_ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const PAGED_ATTENTION_MODULE: &str = "lab_paged_attention";
 
+/// PTX of `kernels/paged_attention_grouped.cu`.
+const GROUPED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention_grouped.ptx"));
+const GROUPED_MODULE: &str = "lab_paged_attention_grouped";
+/// Warps per block of `paged_decode_grouped` (`WARPS` in the kernel).
+const GROUPED_WARPS: u32 = 4;
+
+/// Lanes per key row of the grouped kernel for head dim `d` in `dtype` (one 16-byte run per
+/// lane), when it has an instantiation for it.
+fn grouped_lanes(d: usize, dtype: DType) -> Option<u32> {
+    let epl = 16 / dtype.size_in_bytes();
+    let g = d / epl;
+    (d % epl == 0 && matches!(g, 2 | 4 | 8 | 16 | 32)).then_some(g as u32)
+}
+
 /// Warps per block of `paged_decode_attention` (at most `MAX_WARPS` in the kernel).
 const DECODE_WARPS: u32 = 8;
 /// Blocks that keep the H200's 132 multiprocessors busy (two per SM).
@@ -107,14 +121,29 @@ pub fn paged_decode(
         _ => 8,
     };
     let dev = q.device().clone();
-    let func = dev.get_or_load_custom_func(
-        &format!("paged_decode_attention_{}_npl{npl}_rep{}", suffix(q.dtype())?, if h / kvh <= 4 { 4 } else { 8 }),
-        PAGED_ATTENTION_MODULE,
-        PAGED_ATTENTION_PTX,
-    )?;
     let rep = (h / kvh) as u32;
-    let mut warps = DECODE_WARPS;
-    while warps > 1 && warps * rep * (d as u32 + 2) * 4 > SHARED_LIMIT {
+    let rep_variant = if h / kvh <= 4 { 4 } else { 8 };
+    let (q0, qn) = contiguous(ql)?;
+    let (k0, kn) = contiguous(kl)?;
+    let (v0, vn) = contiguous(vl)?;
+    let epl = 16 / q.dtype().size_in_bytes();
+    let grouped = grouped_lanes(d, q.dtype())
+        .filter(|_| meta.grouped && [q0, k0, v0].iter().all(|o| o % epl == 0))
+        .filter(|_| GROUPED_WARPS * rep * (d as u32 + 2) * 4 <= SHARED_LIMIT);
+    let func = match grouped {
+        Some(g) => dev.get_or_load_custom_func(
+            &format!("paged_decode_grouped_{}_g{g}_rep{rep_variant}", suffix(q.dtype())?),
+            GROUPED_MODULE,
+            GROUPED_PTX,
+        )?,
+        None => dev.get_or_load_custom_func(
+            &format!("paged_decode_attention_{}_npl{npl}_rep{rep_variant}", suffix(q.dtype())?),
+            PAGED_ATTENTION_MODULE,
+            PAGED_ATTENTION_PTX,
+        )?,
+    };
+    let mut warps = if grouped.is_some() { GROUPED_WARPS } else { DECODE_WARPS };
+    while grouped.is_none() && warps > 1 && warps * rep * (d as u32 + 2) * 4 > SHARED_LIMIT {
         warps /= 2;
     }
     // Split each query's keys into `splits` slices (one block each) when the batch alone would
@@ -146,9 +175,6 @@ pub fn paged_decode(
     let (row_stride, block_stride, bs) = (row_stride as u32, block_stride as u32, meta.block_size as u32);
     let (hu, kvhu, du) = (h as u32, kvh as u32, d as u32);
     let scale = 1.0f32 / (d as f32).sqrt();
-    let (q0, qn) = contiguous(ql)?;
-    let (k0, kn) = contiguous(kl)?;
-    let (v0, vn) = contiguous(vl)?;
     // Per-slice (acc, max, sum) of every query head; a 1-element stand-in when unsplit.
     let part = unsafe { dev.alloc::<f32>(if splits > 1 { m * h * splits as usize * (d + 2) } else { 1 })? };
     let merge = if splits > 1 {
@@ -168,7 +194,11 @@ pub fn paged_decode(
             let vs = v.as_cuda_slice::<$t>()?.slice(v0..v0 + vn);
             let mut b = func.builder();
             b.arg(&out).arg(&part).arg(&qs).arg(&ks).arg(&vs).arg(&rows).arg(&tables).arg(&ctx);
-            b.arg(&row_stride).arg(&block_stride).arg(&bs).arg(&hu).arg(&kvhu).arg(&du).arg(&scale);
+            b.arg(&row_stride).arg(&block_stride).arg(&bs).arg(&hu).arg(&kvhu);
+            if grouped.is_none() {
+                b.arg(&du); // the grouped kernel's D is its template's
+            }
+            b.arg(&scale);
             unsafe { b.launch(cfg) }.w()?;
             if let Some(merge) = &merge {
                 let cfg = LaunchConfig {

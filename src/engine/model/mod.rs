@@ -113,6 +113,8 @@ pub struct Llama {
     paged_kernels: bool,
     /// Few-row projections through `kernels/gemv.cu` (see [`Llama::with_skinny_gemm`]).
     skinny_gemm: bool,
+    /// Decode attention through the grouped-lanes kernel (see [`Llama::with_grouped_attention`]).
+    grouped_attention: bool,
     dtype: DType,
     device: Device,
 }
@@ -162,6 +164,7 @@ impl Llama {
                 && cfg.head_dim <= 256
                 && cfg.num_attention_heads / cfg.num_key_value_heads <= 8,
             skinny_gemm: false,
+            grouped_attention: false,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -193,6 +196,19 @@ impl Llama {
         self.lm_head = self.lm_head.clone().with_skinny_gemm(on);
         self.skinny_gemm = on;
         self
+    }
+
+    /// Runs paged decode attention through `kernels/paged_attention_grouped.cu` (several key
+    /// rows per warp in flight) where its shapes allow. Off by default: written after this
+    /// session's last device call, it has not passed `lab selftest --device cuda` yet.
+    pub fn with_grouped_attention(mut self, on: bool) -> Self {
+        self.grouped_attention = on;
+        self
+    }
+
+    /// Whether decode attention uses the grouped-lanes kernel.
+    pub fn grouped_attention(&self) -> bool {
+        self.grouped_attention
     }
 
     /// Whether few-row projections use the skinny GEMM kernel.
@@ -250,7 +266,7 @@ impl Llama {
         let (cos, sin) = self.rope.at(&batch.positions(), &self.device)?;
         let plan = match kv.paged_view() {
             Some(view) if self.paged_kernels && self.mode == OpsMode::Fused => {
-                Some(PagedPlan::new(batch, view, &self.device)?)
+                Some(PagedPlan::new(batch, view, &self.device, self.grouped_attention)?)
             }
             _ => None,
         };
