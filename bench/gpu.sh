@@ -57,6 +57,7 @@ if [[ $MODE == decode ]]; then
   run_bench decode --batch 1,8,32,64,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle
   run_bench decode-profile --batch 1,32 --adapters 0 --prompt-len 512 --decode-steps 8 --repeats 3 --profile --prefill-len 4096
   run_bench decode-skinny --batch 1,4,8 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --skinny-gemm --profile
+  run_bench decode-grouped --batch 32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --grouped-attention --profile
   # A 32k-token prompt in one forward (query-chunked causal attention); peak memory at the end.
   run_bench prefill-32k --batch 1 --adapters 0 --prompt-len 16 --decode-steps 1 --repeats 1 --prefill-len 32768
 fi

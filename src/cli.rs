@@ -294,6 +294,10 @@ pub struct BenchArgs {
     /// (off by default until `lab selftest --device cuda` has passed it on the H200).
     #[arg(long)]
     pub skinny_gemm: bool,
+    /// Run decode attention through the grouped-lanes kernel (off by default until `lab
+    /// selftest --device cuda` has passed it on the H200).
+    #[arg(long)]
+    pub grouped_attention: bool,
 }
 
 /// `lab selftest`.

@@ -53,6 +53,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.skinny_gemm {
         loaded.model = loaded.model.with_skinny_gemm(true);
     }
+    if args.grouped_attention {
+        loaded.model = loaded.model.with_grouped_attention(true);
+    }
     report_loaded(&loaded);
     let ceilings = if args.floor { Some(floor::measure(&device, dtype)?) } else { None };
     let max_adapters = args.adapters.iter().copied().max().unwrap_or(0);
