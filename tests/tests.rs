@@ -9,5 +9,6 @@ mod lora;
 mod model_parity;
 mod peft_interop;
 mod serve;
+mod serve_limits;
 mod tokenizer;
 mod train;

@@ -132,6 +132,7 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         model_cfg: cfg,
         max_lora_rank: s.max_lora_rank,
         seq: AtomicU64::new(0),
+        prep: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = rt.block_on(serve_http(&s, state));

@@ -40,6 +40,9 @@ pub struct AppState {
     pub model_cfg: LlamaConfig,
     pub max_lora_rank: usize,
     pub seq: AtomicU64,
+    /// Permits for rendering + tokenizing prompts on the blocking pool (one per core): a
+    /// flood of big prompts queues here instead of occupying the async workers.
+    pub prep: Arc<tokio::sync::Semaphore>,
 }
 
 /// 200 while the engine thread runs; 503 once it died (orchestrators restart on that, and the
@@ -96,6 +99,25 @@ impl AppState {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Runs `f` (template rendering and tokenization: a 4 MB prompt takes about a second) on
+    /// the blocking pool, at most one per permit, so `/health`, `/metrics` and small requests
+    /// keep their async workers during a flood. The permit moves into the task: a client that
+    /// leaves frees its handler, not the CPU its tokenization still uses.
+    async fn validate(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Validator) -> Result<super::validation::ValidRequest, ApiError> + Send + 'static,
+    ) -> Result<super::validation::ValidRequest, ApiError> {
+        let permit =
+            self.prep.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable("shutting down".into()))?;
+        let st = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&st.validator)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("request validation failed: {e}")))?
+    }
+
     async fn run(&self, req: super::validation::ValidRequest) -> Result<Response, ApiError> {
         let rx = self.engine.submit(req.clone(), self.max_waiting)?;
         if req.stream {
@@ -111,7 +133,8 @@ async fn chat(
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = parsed(body)?;
-    let valid = st.validator.chat(&req, st.next_seq())?;
+    let seq = st.next_seq();
+    let valid = st.validate(move |v| v.chat(&req, seq)).await?;
     st.run(valid).await
 }
 
@@ -120,7 +143,8 @@ async fn completions(
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = parsed(body)?;
-    let valid = st.validator.completion(&req, st.next_seq())?;
+    let seq = st.next_seq();
+    let valid = st.validate(move |v| v.completion(&req, seq)).await?;
     st.run(valid).await
 }
 
