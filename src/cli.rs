@@ -127,6 +127,18 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Seconds a client has to send a request's line and headers (from its first byte), and
+    /// again its body (after the headers); the connection is closed (or the request gets a
+    /// 400) past it.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
+    /// Seconds a connection may stay open with no request in flight and none arriving.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout: u64,
+    /// Open connections at most (kept below the file-descriptor limit); beyond, a new
+    /// connection gets a 503 at once.
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one())]
+    pub max_connections: usize,
 }
 
 /// `lab loadtest` (open loop; names follow vLLM's benchmark_serving where it has one).

@@ -1,6 +1,8 @@
 //! `lab serve` under abuse of its front door: floods of big prompts, idle and half-sent
 //! connections, more sockets than file descriptors. Real HTTP on loopback, tiny model.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -55,4 +57,114 @@ fn health_and_metrics_answer_during_a_flood_of_big_prompts() {
         stop.store(true, Ordering::Relaxed);
         assert!(worst < Duration::from_millis(400), "/health or /metrics took {worst:?} during the flood");
     });
+}
+
+/// Seconds until the server closes `sock` (a read returns EOF or an error), at most `limit`.
+fn closed_after(sock: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < limit {
+        match sock.read(&mut buf) {
+            Ok(0) => return Some(t0.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return Some(t0.elapsed()),
+        }
+    }
+    None
+}
+
+fn connect(s: &Server) -> TcpStream {
+    TcpStream::connect(s.url.trim_start_matches("http://")).unwrap()
+}
+
+/// An idle connection is closed after `--idle-timeout`, a request whose headers trickle in
+/// after `--header-timeout`, a half-sent body gets a 400 naming the timeout; a request in
+/// flight longer than both is not cut (before: all of them were held for ever).
+#[test]
+fn idle_and_half_sent_connections_are_closed_after_their_timeouts() {
+    // One running sequence, so of four long requests the last waits silently for seconds.
+    let s = &Server::tiny(&["--header-timeout", "1", "--idle-timeout", "2", "--max-num-seqs", "1"]);
+    std::thread::scope(|scope| {
+        let idle = scope.spawn(|| closed_after(&mut connect(s), Duration::from_secs(10)));
+        let trickle = scope.spawn(|| {
+            let mut sock = connect(s);
+            sock.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n").unwrap();
+            let t0 = Instant::now();
+            // One header byte every 200 ms: never idle, never complete.
+            while sock.write_all(b"x").is_ok() && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            t0.elapsed()
+        });
+        let body = scope.spawn(|| {
+            let mut sock = connect(s);
+            let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
+            sock.write_all(head.as_bytes()).unwrap();
+            sock.write_all(b"{\"model\":").unwrap();
+            let t0 = Instant::now();
+            sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut reply = String::new();
+            let _ = sock.read_to_string(&mut reply);
+            (t0.elapsed(), reply)
+        });
+        // Non-streamed requests that queue and generate for longer than both timeouts, silent
+        // meanwhile.
+        let t0 = Instant::now();
+        let longs: Vec<_> =
+            (0..4).map(|i| scope.spawn(move || s.chat(BASE, &format!("long answer {i}"), 1800))).collect();
+        for h in longs {
+            assert_eq!(h.join().unwrap().1, "length");
+        }
+        let long = t0.elapsed();
+        let idle = idle.join().unwrap().expect("an idle connection is closed");
+        assert!(idle >= Duration::from_millis(1500) && idle < Duration::from_secs(5), "idle closed after {idle:?}");
+        let trickle = trickle.join().unwrap();
+        assert!(trickle < Duration::from_secs(4), "a trickled head was held {trickle:?}");
+        let (took, reply) = body.join().unwrap();
+        assert!(took < Duration::from_secs(4), "a half-sent body was held {took:?}");
+        assert!(reply.starts_with("HTTP/1.1 400") && reply.contains("--header-timeout"), "{reply}");
+        assert!(
+            long > Duration::from_secs(2),
+            "the long request ({long:?}) must outlast the timeouts to prove anything"
+        );
+    });
+}
+
+/// With the soft fd limit at 256 (as a low default would be) and 400 idle sockets open,
+/// `/health` still answers: the server raised its soft limit to the hard one at start-up
+/// (before, every accept failed with EMFILE and nothing answered).
+#[test]
+fn more_idle_sockets_than_the_inherited_soft_fd_limit_do_not_lock_out_health() {
+    let s = Server::start_after(
+        "ulimit -Sn 256",
+        &["serve", "--model", "synthetic:tiny", "--port", "0", "--kv-cache-memory", "64MiB"],
+    );
+    let idle: Vec<TcpStream> = (0..400).map(|_| connect(&s)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let quick = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let status = quick.get(format!("{}/health", s.url)).send().map(|r| r.status().as_u16());
+    assert_eq!(status.ok(), Some(200), "log: {:?}", s.log.lock().unwrap());
+    assert_eq!(s.chat(BASE, "still serving", 4).1, "length");
+    drop(idle);
+}
+
+/// Past `--max-connections` a new connection gets a 503 with Retry-After at once and the log
+/// says so; once idle connections time out, `/health` answers 200 again.
+#[test]
+fn the_connection_cap_answers_503_at_once_and_logs_it() {
+    let s = Server::tiny(&["--max-connections", "8", "--idle-timeout", "2"]);
+    let idle: Vec<TcpStream> = (0..8).map(|_| connect(&s)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let resp = client().get(format!("{}/health", s.url)).send().unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let v: serde_json::Value = resp.json().unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("--max-connections"), "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "refused in {:?}", t0.elapsed());
+    assert!(wait_until(5, || s.log.lock().unwrap().iter().any(|l| l.contains("connection cap reached"))));
+    assert!(wait_until(6, || health(&s).1 == 200), "the idle connections timed out and freed the cap");
+    drop(idle);
 }

@@ -7,6 +7,7 @@
 
 pub mod batcher;
 pub mod catalog;
+pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod resources;
@@ -53,6 +54,9 @@ pub struct ServeSettings {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// Header and idle timeouts and the connection cap asked for (the cap is lowered below
+    /// the fd limit at start-up).
+    pub conn: conn::ConnLimits,
 }
 
 /// Errors that stop the server from starting.
@@ -156,27 +160,37 @@ async fn serve_http(s: &ServeSettings, state: Arc<routes::AppState>) -> Result<(
     eprintln!("lab serve: listening on http://{local} (model {})", s.served_model_name);
     let engine = state.engine.clone();
     let app = routes::router(state, s.max_body_bytes);
+    let mut limits = s.conn;
+    // Many systems start processes at a soft limit of 1,024 descriptors with a far higher hard
+    // limit; past the soft one every accept fails, /health included.
+    let fd_limit = conn::raise_fd_limit().unwrap_or(1024);
+    limits.max_connections = conn::connection_cap(limits.max_connections, fd_limit);
+    if limits.max_connections < s.conn.max_connections {
+        eprintln!(
+            "lab serve: --max-connections {} lowered to {} to stay below the file-descriptor limit ({fd_limit})",
+            s.conn.max_connections, limits.max_connections
+        );
+    }
     let timeout = s.shutdown_timeout;
     let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let forced_flag = forced.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            eprintln!("lab serve: shutting down: no new connections; in-flight requests get {timeout:?}");
-            // In-flight requests get the timeout; after it the process exits regardless.
-            tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
-                eprintln!("lab serve: shutdown timeout reached, cancelling what is left");
-                // Cut streams end with an error event and [DONE], not silence; then a non-zero
-                // exit says the shutdown was not clean.
-                let reason = format!("the server is shutting down: --shutdown-timeout {timeout:?} expired");
-                forced_flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                let _ = tokio::time::timeout(Duration::from_secs(2), engine.abort_all(&reason)).await;
-                tokio::time::sleep(Duration::from_secs(2)).await; // the streams end, serve returns
-                std::process::exit(1); // only if a connection still hangs on
-            });
-        })
-        .await?;
+    let shutdown = async move {
+        shutdown_signal().await;
+        eprintln!("lab serve: shutting down: no new connections; in-flight requests get {timeout:?}");
+        // In-flight requests get the timeout; after it the process exits regardless.
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            eprintln!("lab serve: shutdown timeout reached, cancelling what is left");
+            // Cut streams end with an error event and [DONE], not silence; then a non-zero
+            // exit says the shutdown was not clean.
+            let reason = format!("the server is shutting down: --shutdown-timeout {timeout:?} expired");
+            forced_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = tokio::time::timeout(Duration::from_secs(2), engine.abort_all(&reason)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await; // the streams end, serve returns
+            std::process::exit(1); // only if a connection still hangs on
+        });
+    };
+    conn::serve(listener, app, limits, shutdown).await;
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ServeError::ForcedShutdown(timeout));
     }
