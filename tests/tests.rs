@@ -9,6 +9,7 @@ mod lora;
 mod model_parity;
 mod peft_interop;
 mod serve;
+mod serve_faults;
 mod serve_limits;
 mod tokenizer;
 mod train;

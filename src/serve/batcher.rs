@@ -144,7 +144,8 @@ pub struct Engine {
 /// Starts the engine thread.
 pub fn spawn(engine: Engine) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
-    let queued = Arc::new(AtomicUsize::new(0));
+    // Shared with /metrics, which reads it at scrape time for vllm:num_requests_waiting.
+    let queued = engine.metrics.queued.clone();
     let engine_queued = queued.clone();
     let metrics = engine.metrics.clone();
     let join = std::thread::Builder::new().name("lab-engine".into()).spawn(move || {
@@ -248,7 +249,11 @@ impl EngineState {
                 let _ = reply.send(());
             }
             Command::Unregister { name, reply } => {
-                let _ = reply.send(self.e.registry.unregister(&name));
+                let known = self.e.registry.unregister(&name);
+                // Its series leave /metrics (requests still running on it are not counted
+                // back in when they end, see `end`).
+                self.e.metrics.update(|m| m.per_adapter.remove(&name));
+                let _ = reply.send(known);
             }
             Command::AbortAll { reason, reply } => {
                 let ids: Vec<SeqId> = self.live.keys().copied().collect();
@@ -280,13 +285,13 @@ impl EngineState {
 
     fn fail_unschedulable(&mut self, plan: &StepPlan) {
         for (id, msg) in &plan.failed {
-            // The scheduler already dropped it; only the reply and metrics remain.
-            if let Some(live) = self.live.remove(id) {
-                let err = ApiError::Unavailable(msg.clone());
+            // The scheduler already dropped it; `end` gives its place in the queue count back
+            // (removing it here directly leaked one place per failure, until --max-waiting
+            // refused every request) and answers it.
+            if let Some(live) = self.live.get(id) {
                 tracing::warn!(id = %live.req.id, model = %live.req.model, "request failed: {msg}");
-                self.e.metrics.update(|m| *m.finished.entry("error").or_default() += 1);
-                let _ = live.tx.send(Event::Failed(err));
             }
+            self.end(*id, Err(ApiError::Unavailable(msg.clone())));
         }
     }
 
@@ -419,14 +424,21 @@ impl EngineState {
         if let Some(ev) = event {
             let _ = live.tx.send(ev);
         }
-        let adapter = live.req.adapter.clone().unwrap_or_else(|| self.e.base_name.clone());
+        // Per-adapter series only for the base and adapters still registered: an unloaded
+        // adapter's series were dropped and must not come back with its last requests.
+        let adapter = match &live.req.adapter {
+            None => Some(self.e.base_name.clone()),
+            Some(a) => self.e.registry.state().current(a).map(|_| a.clone()),
+        };
         self.e.metrics.update(|m| {
             *m.finished.entry(label).or_default() += 1;
             m.generation_tokens += usage.completion_tokens as u64;
-            let c = m.per_adapter.entry(adapter.clone()).or_default();
-            c.requests += 1;
-            c.prompt_tokens += usage.prompt_tokens as u64;
-            c.generation_tokens += usage.completion_tokens as u64;
+            if let Some(adapter) = adapter {
+                let c = m.per_adapter.entry(adapter).or_default();
+                c.requests += 1;
+                c.prompt_tokens += usage.prompt_tokens as u64;
+                c.generation_tokens += usage.completion_tokens as u64;
+            }
             if label != "abort" && label != "error" {
                 m.e2e.observe(live.req.arrived.elapsed().as_secs_f64());
             }
@@ -444,11 +456,13 @@ impl EngineState {
         let waiting: std::collections::BTreeSet<String> =
             self.e.scheduler.waiting_ids().filter_map(|id| name(&id)).collect();
         let (loads, evictions) = self.e.registry.counters();
-        let (nr, nw, free) =
-            (self.e.scheduler.num_running(), self.e.scheduler.num_waiting(), self.e.kv.num_free_blocks());
+        // Waiting = submitted and never admitted (the shared counter, read at scrape time) +
+        // preempted, waiting to be recomputed (admitted before, so not in that counter).
+        let requeued = self.e.scheduler.waiting_ids().filter(|id| self.live.get(id).is_some_and(|l| !l.queued)).count();
+        let (nr, free) = (self.e.scheduler.num_running(), self.e.kv.num_free_blocks());
         self.e.metrics.update(|m| {
             m.running = nr;
-            m.waiting = nw;
+            m.requeued = requeued;
             m.kv_free_blocks = free;
             m.running_adapters = running;
             m.waiting_adapters = waiting;
