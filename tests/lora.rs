@@ -265,7 +265,11 @@ fn loading_an_adapter_never_blocks_a_step_that_does_not_need_it() {
         LoraAdapter::load(p, &cfg, 16, DType::F32, &Device::Cpu)
     };
     let bank = SlotBank::new(model.config(), 2, 16, DType::F32, &Device::Cpu).unwrap();
-    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_cpu_loras: 4 }, bank, Box::new(loader));
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig { max_loras: 2, max_cpu_loras: 4, retry_failed_after: std::time::Duration::from_secs(5) },
+        bank,
+        Box::new(loader),
+    );
     reg.register("ready", &ready_dir);
     reg.register("slow", &slow_dir);
     let ready_slot = loop {
@@ -358,7 +362,11 @@ fn a_failed_slot_write_is_an_error_every_time_never_the_base_model() {
     // The loader accepts rank 32; the bank holds rank 16 at most, so the copy-in fails.
     let loader = move |p: &Path| LoraAdapter::load(p, &cfg, 64, DType::F32, &Device::Cpu);
     let bank = SlotBank::new(model.config(), 2, 16, DType::F32, &Device::Cpu).unwrap();
-    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_cpu_loras: 4 }, bank, Box::new(loader));
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig { max_loras: 2, max_cpu_loras: 4, retry_failed_after: std::time::Duration::from_secs(5) },
+        bank,
+        Box::new(loader),
+    );
     reg.register("wide", &dir);
     let mut errors = 0;
     for _ in 0..400 {
@@ -394,7 +402,11 @@ fn a_panicking_loader_fails_one_load_and_keeps_serving_the_rest() {
         LoraAdapter::load(p, &cfg, 16, DType::F32, &Device::Cpu)
     };
     let bank = SlotBank::new(model.config(), 2, 16, DType::F32, &Device::Cpu).unwrap();
-    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_cpu_loras: 4 }, bank, Box::new(loader));
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig { max_loras: 2, max_cpu_loras: 4, retry_failed_after: std::time::Duration::from_secs(5) },
+        bank,
+        Box::new(loader),
+    );
     reg.register("bad", &bad);
     reg.register("good", &good);
     let (mut bad_failed, mut good_ready) = (false, false);

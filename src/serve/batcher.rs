@@ -136,6 +136,8 @@ pub struct Engine {
     pub registry: AdapterRegistry,
     pub scheduler: Scheduler,
     pub metrics: Arc<Metrics>,
+    /// What `/v1/models` lists: told when an adapter's load fails or succeeds.
+    pub catalog: Arc<super::catalog::Catalog>,
     pub max_model_len: usize,
     /// Name per-adapter counters use for the base model.
     pub base_name: String,
@@ -200,7 +202,9 @@ impl EngineState {
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);
             }
-            self.e.registry.poll_loads();
+            for (name, outcome) in self.e.registry.poll_loads() {
+                self.e.catalog.set_failed(&name, outcome.err());
+            }
             self.drop_cancelled();
             let plan = {
                 let EngineState { e, tables, .. } = self;
@@ -288,10 +292,28 @@ impl EngineState {
             // The scheduler already dropped it; `end` gives its place in the queue count back
             // (removing it here directly leaked one place per failure, until --max-waiting
             // refused every request) and answers it.
-            if let Some(live) = self.live.get(id) {
-                tracing::warn!(id = %live.req.id, model = %live.req.model, "request failed: {msg}");
-            }
-            self.end(*id, Err(ApiError::Unavailable(msg.clone())));
+            let Some(live) = self.live.get(id) else { continue };
+            tracing::warn!(id = %live.req.id, model = %live.req.model, "request failed: {msg}");
+            let err = self.adapter_error(live.req.adapter.as_deref(), msg);
+            self.end(*id, Err(err));
+        }
+    }
+
+    /// The error of a request its adapter could not be given to: a 400 when the adapter's
+    /// files do not load (its owner's to fix), a 404 when it was unloaded, else a 500.
+    fn adapter_error(&self, adapter: Option<&str>, msg: &str) -> ApiError {
+        let state = self.e.registry.state();
+        match adapter {
+            Some(a) if state.current(a).is_none() => ApiError::ModelNotFound(a.to_string()),
+            Some(a) => match state.load_error(a) {
+                Some(why) => ApiError::AdapterFailed {
+                    name: a.to_string(),
+                    message: why.to_string(),
+                    retry_secs: super::RETRY_FAILED_LOAD.as_secs(),
+                },
+                None => ApiError::Internal(msg.to_string()),
+            },
+            None => ApiError::Internal(msg.to_string()),
         }
     }
 

@@ -16,6 +16,10 @@ pub enum ApiError {
     /// 404: no base model or adapter of that name.
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
+    /// 400: the adapter's files cannot be loaded (its owner's to fix; not "overloaded", which
+    /// clients would retry for ever).
+    #[error("The adapter `{name}` cannot be loaded: {message} (fix its files: a request after {retry_secs} s reads them again; or reload it with /v1/load_lora_adapter)")]
+    AdapterFailed { name: String, message: String, retry_secs: u64 },
     /// 401: missing or wrong `Authorization: Bearer`.
     #[error("Invalid API key (send `Authorization: Bearer <key>`, the key given to --api-key).")]
     Unauthorized,
@@ -42,7 +46,7 @@ impl ApiError {
     /// HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { .. } | ApiError::AdapterFailed { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Body { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
@@ -56,13 +60,14 @@ impl ApiError {
         let (kind, code) = match self {
             ApiError::BadRequest { .. } | ApiError::Body { .. } => ("invalid_request_error", None),
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            ApiError::AdapterFailed { .. } => ("invalid_request_error", Some("adapter_load_failed")),
             ApiError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::Overloaded { .. } | ApiError::Unavailable(_) => ("server_error", Some("overloaded")),
             ApiError::Internal(_) => ("server_error", None),
         };
         let param = match self {
             ApiError::BadRequest { param, .. } => param.clone(),
-            ApiError::ModelNotFound(_) => Some("model".to_string()),
+            ApiError::ModelNotFound(_) | ApiError::AdapterFailed { .. } => Some("model".to_string()),
             _ => None,
         };
         ErrorBody {

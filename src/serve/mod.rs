@@ -29,6 +29,9 @@ use crate::engine::lora::slots::SlotBank;
 use crate::engine::lora::LoraAdapter;
 use crate::engine::scheduler::{Scheduler, SchedulerConfig};
 
+/// How long a failed adapter load stays the answer before a request reads the files again.
+pub const RETRY_FAILED_LOAD: Duration = Duration::from_secs(5);
+
 /// Resolved server settings (built once from the CLI).
 #[derive(Debug, Clone)]
 pub struct ServeSettings {
@@ -100,8 +103,15 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
     let bank = SlotBank::new(&cfg, s.max_loras, s.max_lora_rank, dtype, &device)?;
     let (lcfg, rank, ldev) = (cfg.clone(), s.max_lora_rank, device.clone());
     let loader = Box::new(move |p: &std::path::Path| LoraAdapter::load(p, &lcfg, rank, dtype, &ldev));
-    let mut registry =
-        AdapterRegistry::new(RegistryConfig { max_loras: s.max_loras, max_cpu_loras: s.max_cpu_loras }, bank, loader);
+    let mut registry = AdapterRegistry::new(
+        RegistryConfig {
+            max_loras: s.max_loras,
+            max_cpu_loras: s.max_cpu_loras,
+            retry_failed_after: RETRY_FAILED_LOAD,
+        },
+        bank,
+        loader,
+    );
     for (name, path) in &modules {
         registry.register(name, path);
         catalog.insert(name, path);
@@ -120,6 +130,7 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         registry,
         scheduler: Scheduler::new(s.scheduler),
         metrics: metrics.clone(),
+        catalog: catalog.clone(),
         max_model_len: s.max_model_len,
         base_name: s.served_model_name.clone(),
     };

@@ -159,7 +159,8 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
         parent: None,
         max_model_len: Some(st.validator.max_model_len),
     }];
-    for (name, e) in st.catalog.adapters() {
+    // An adapter whose last load failed is not offered (requests to it get a 400 saying why).
+    for (name, e) in st.catalog.adapters().into_iter().filter(|(_, e)| e.failed.is_none()) {
         data.push(ModelCard {
             id: name,
             object: "model".into(),
