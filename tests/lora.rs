@@ -10,7 +10,7 @@ use lab::engine::lora::slots::SlotBank;
 use lab::engine::lora::{LoraAdapter, LoraError, LoraModule};
 use lab::engine::model::{Llama, LogitsAt, PackedBatch};
 
-use crate::util::{random_adapter, random_llama, rel_err};
+use crate::util::{edit_config, edit_tensors, random_adapter, random_llama, rel_err};
 
 const ALL: [LoraModule; 7] = LoraModule::ALL;
 const SUBSET: [LoraModule; 3] = [LoraModule::Q, LoraModule::V, LoraModule::Down];
@@ -150,20 +150,6 @@ fn refusal(tag: &str, edit: impl FnOnce(&Path)) -> String {
         Ok(_) => panic!("{tag}: must be refused"),
         Err(e) => e.to_string(),
     }
-}
-
-fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join("adapter_config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(p, v.to_string()).unwrap();
-}
-
-fn edit_tensors(dir: &Path, f: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
-    let p = dir.join("adapter_model.safetensors");
-    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
-    f(&mut t);
-    candle_core::safetensors::save(&t, &p).unwrap();
 }
 
 #[test]

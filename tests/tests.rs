@@ -11,5 +11,6 @@ mod peft_interop;
 mod serve;
 mod serve_faults;
 mod serve_limits;
+mod serve_poison;
 mod tokenizer;
 mod train;
