@@ -8,6 +8,7 @@ mod loadtest;
 mod lora;
 mod model_parity;
 mod peft_interop;
+mod props;
 mod serve;
 mod serve_faults;
 mod serve_limits;
