@@ -70,9 +70,10 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     Ok(u64::MAX)
 }
 
-/// The connection cap: what was asked, but always below the fd limit by [`fd_reserve`].
+/// The connection cap: what was asked, but always below the fd limit by [`fd_reserve`] (and
+/// within what one semaphore acquire can count, for the shutdown drain).
 pub fn connection_cap(asked: usize, fd_limit: u64) -> usize {
-    let room = fd_limit.saturating_sub(fd_reserve(fd_limit)).max(1);
+    let room = fd_limit.saturating_sub(fd_reserve(fd_limit)).clamp(1, u64::from(u32::MAX));
     asked.min(usize::try_from(room).unwrap_or(usize::MAX))
 }
 
@@ -314,7 +315,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, shutd
     drop(listener); // no new connections
     let _ = stop_tx.send(true);
     // Every connection holds a permit: all permits back means all connections closed.
-    let _ = open.acquire_many(limits.max_connections as u32).await;
+    let _ = open.acquire_many(u32::try_from(limits.max_connections).unwrap_or(u32::MAX)).await;
 }
 
 /// Writes the 503 to a connection over the cap, then gives the client a moment to read it.
@@ -382,6 +383,7 @@ mod tests {
         assert_eq!(connection_cap(4096, 1024), 1024 - 128);
         assert_eq!(connection_cap(4096, 256), 256 - 64);
         assert_eq!(connection_cap(4096, 10), 1);
+        assert_eq!(connection_cap(usize::MAX, u64::MAX), u32::MAX as usize, "RLIM_INFINITY");
     }
 
     #[test]
