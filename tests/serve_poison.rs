@@ -12,7 +12,7 @@ use crate::serve_util::*;
 use crate::util::{edit_config, edit_tensors};
 
 const BASE: &str = "synthetic:tiny";
-const TOKENS: usize = 400;
+const TOKENS: usize = 600;
 
 /// The 8 neighbours' bodies: greedy streams, half on the base and half on adapter `good`.
 fn neighbours() -> Vec<Value> {
