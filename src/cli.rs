@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// Waiting requests at most; beyond, 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
+    /// Waiting requests per model (the base or one adapter) at most; beyond, 429 with
+    /// Retry-After, so one tenant's burst cannot take every place (default: --max-waiting).
+    #[arg(long, value_parser = at_least_one())]
+    pub max_waiting_per_model: Option<usize>,
     /// Times a request may be passed over (a later arrival admitted first, e.g. for a resident
     /// adapter) before it goes first and no new request may pin a slot until it has one.
     #[arg(long, default_value_t = 32)]

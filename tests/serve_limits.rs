@@ -168,3 +168,53 @@ fn the_connection_cap_answers_503_at_once_and_logs_it() {
     assert!(wait_until(6, || health(&s).1 == 200), "the idle connections timed out and freed the cap");
     drop(idle);
 }
+
+/// `--max-waiting-per-model 3`: while one slot is busy, a burst of 12 requests for the base
+/// takes at most 3 waiting places (the rest get 429 + Retry-After) and a request for another
+/// model is still accepted (without the share, the burst filled `--max-waiting 8` and every
+/// other tenant got 503 until it drained).
+#[test]
+fn one_models_burst_cannot_take_every_waiting_place() {
+    let dir = temp_dir("limits-per-model");
+    let good = tiny_adapter(&dir.join("good"), 4);
+    let s = &Server::tiny(&[
+        "--lora-modules",
+        &format!("good={}", good.display()),
+        "--max-num-seqs",
+        "1",
+        "--max-waiting",
+        "8",
+        "--max-waiting-per-model",
+        "3",
+    ]);
+    let mut long = chat_body(BASE, "keep the slot busy", 2000);
+    long["stream"] = json!(true);
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let busy = scope.spawn(|| s.chat_stream(&long));
+        std::thread::sleep(Duration::from_millis(100));
+        let burst: Vec<_> = (0..12)
+            .map(|i| {
+                let answered = &answered;
+                scope.spawn(move || {
+                    let resp = client()
+                        .post(format!("{}/v1/chat/completions", s.url))
+                        .json(&chat_body(BASE, &format!("burst {i}"), 2))
+                        .send()
+                        .unwrap();
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    (resp.status().as_u16(), resp.headers().get("retry-after").is_some())
+                })
+            })
+            .collect();
+        // The burst has been counted once the refusals are back (at least 4 in any case).
+        assert!(wait_until(10, || answered.load(Ordering::SeqCst) >= 4));
+        let (status, v) = s.post("/v1/chat/completions", &chat_body("good", "another tenant", 2));
+        assert_eq!(status, 200, "another model is served during the burst: {v}");
+        let results: Vec<(u16, bool)> = burst.into_iter().map(|h| h.join().unwrap()).collect();
+        let accepted = results.iter().filter(|r| r.0 == 200).count();
+        assert!((1..=4).contains(&accepted), "{results:?}");
+        assert!(results.iter().all(|&(c, retry)| c == 200 || (c == 429 && retry)), "{results:?}");
+        assert_eq!(busy.join().unwrap().1, "length", "the long stream outlasted the burst");
+    });
+}

@@ -70,6 +70,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         kv_blocks,
         block_size: args.block_size,
         max_waiting: args.max_waiting,
+        max_waiting_per_model: args.max_waiting_per_model.unwrap_or(args.max_waiting),
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),

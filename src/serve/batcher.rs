@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::queue::{WaitLimits, WaitQueue};
 use super::resources::EngineResources;
 use super::validation::ValidRequest;
 use crate::engine::kv::paged::{BlockTable, PagedKvCache};
@@ -66,21 +66,18 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     /// Requests submitted and not yet admitted into the running batch (or ended): counted at
     /// the point of submission, so `--max-waiting` holds exactly under a burst.
-    queued: Arc<AtomicUsize>,
+    queue: Arc<WaitQueue>,
 }
 
 impl EngineHandle {
-    /// Queues a request unless `max_waiting` are already queued (then 503 + Retry-After); its
-    /// events arrive on the returned channel.
-    pub fn submit(&self, req: ValidRequest, max_waiting: usize) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
-        let before = self.queued.fetch_add(1, Ordering::SeqCst);
-        if before >= max_waiting {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::Overloaded { waiting: before, limit: max_waiting });
-        }
+    /// Queues a request unless its model's or the server's waiting places are taken (then
+    /// 429 or 503, with Retry-After); its events arrive on the returned channel.
+    pub fn submit(&self, req: ValidRequest) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
+        self.queue.enter(&req.model)?;
+        let model = req.model.clone();
         let (tx, rx) = tmpsc::unbounded_channel();
         if let Err(e) = self.send(Command::Submit(Box::new(req), tx)) {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queue.leave(&model);
             return Err(e);
         }
         Ok(rx)
@@ -143,24 +140,20 @@ pub struct Engine {
     pub base_name: String,
 }
 
-/// Starts the engine thread.
-pub fn spawn(engine: Engine) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+/// Starts the engine thread; `limits` are `--max-waiting` and `--max-waiting-per-model`.
+pub fn spawn(engine: Engine, limits: WaitLimits) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
-    // Shared with /metrics, which reads it at scrape time for vllm:num_requests_waiting.
-    let queued = engine.metrics.queued.clone();
-    let engine_queued = queued.clone();
+    // Its total is shared with /metrics, which reads it at scrape time for
+    // vllm:num_requests_waiting.
+    let queue = Arc::new(WaitQueue::new(engine.metrics.queued.clone(), limits));
+    let engine_queue = queue.clone();
     let metrics = engine.metrics.clone();
     let join = std::thread::Builder::new().name("lab-engine".into()).spawn(move || {
-        let mut state = EngineState {
-            e: engine,
-            tables: BTreeMap::new(),
-            live: BTreeMap::new(),
-            next_id: 0,
-            queued: engine_queued,
-        };
+        let mut state =
+            EngineState { e: engine, tables: BTreeMap::new(), live: BTreeMap::new(), next_id: 0, queue: engine_queue };
         supervised(|| state.run(rx), || on_engine_death(&metrics));
     })?;
-    Ok((EngineHandle { tx, queued }, join))
+    Ok((EngineHandle { tx, queue }, join))
 }
 
 /// Runs `body`; if it panics, logs the panic and calls `on_death` (which may not return).
@@ -183,7 +176,7 @@ fn on_engine_death(metrics: &Metrics) {
 
 struct EngineState {
     e: Engine,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<WaitQueue>,
     tables: BTreeMap<SeqId, BlockTable>,
     live: BTreeMap<SeqId, Live>,
     next_id: SeqId,
@@ -275,7 +268,7 @@ impl EngineState {
         for s in &plan.batch {
             if let Some(live) = self.live.get_mut(&s.id).filter(|l| l.queued) {
                 live.queued = false;
-                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.queue.leave(&live.req.model);
             }
         }
     }
@@ -419,7 +412,7 @@ impl EngineState {
     fn end(&mut self, id: SeqId, outcome: Result<Option<FinishReason>, ApiError>) {
         let Some(mut live) = self.live.remove(&id) else { return };
         if live.queued {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queue.leave(&live.req.model);
         }
         {
             let EngineState { e, tables, .. } = self;

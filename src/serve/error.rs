@@ -29,6 +29,10 @@ pub enum ApiError {
     /// 503 + `Retry-After`: the waiting queue is full.
     #[error("The server is overloaded: {waiting} requests are waiting (--max-waiting {limit}); retry later.")]
     Overloaded { waiting: usize, limit: usize },
+    /// 429 + `Retry-After`: this model's share of the waiting queue is full (the others may
+    /// still be served).
+    #[error("Too many requests for `{model}`: {waiting} are waiting (--max-waiting-per-model {limit}); retry later.")]
+    ModelOverloaded { model: String, waiting: usize, limit: usize },
     /// 503: the server is shutting down or the engine stopped.
     #[error("{0}")]
     Unavailable(String),
@@ -51,6 +55,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Body { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
             ApiError::Overloaded { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ModelOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +68,8 @@ impl ApiError {
             ApiError::AdapterFailed { .. } => ("invalid_request_error", Some("adapter_load_failed")),
             ApiError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::Overloaded { .. } | ApiError::Unavailable(_) => ("server_error", Some("overloaded")),
+            // OpenAI's shape for a request-rate limit.
+            ApiError::ModelOverloaded { .. } => ("requests", Some("rate_limit_exceeded")),
             ApiError::Internal(_) => ("server_error", None),
         };
         let param = match self {
@@ -101,7 +108,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), Json(self.body())).into_response();
-        if matches!(self, ApiError::Overloaded { .. }) {
+        if matches!(self, ApiError::Overloaded { .. } | ApiError::ModelOverloaded { .. }) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp

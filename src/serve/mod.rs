@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod conn;
 pub mod error;
 pub mod metrics;
+pub mod queue;
 pub mod resources;
 pub mod routes;
 pub mod stream;
@@ -54,6 +55,8 @@ pub struct ServeSettings {
     pub kv_blocks: usize,
     pub block_size: usize,
     pub max_waiting: usize,
+    /// `--max-waiting-per-model` (default: `max_waiting`, i.e. no share of its own).
+    pub max_waiting_per_model: usize,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
@@ -134,7 +137,8 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         max_model_len: s.max_model_len,
         base_name: s.served_model_name.clone(),
     };
-    let (handle, engine_thread) = batcher::spawn(engine)?;
+    let limits = queue::WaitLimits { total: s.max_waiting, per_model: s.max_waiting_per_model };
+    let (handle, engine_thread) = batcher::spawn(engine, limits)?;
     let state = Arc::new(routes::AppState {
         validator: validation::Validator { tokenizer, catalog: catalog.clone(), max_model_len: s.max_model_len },
         engine: handle,
@@ -143,7 +147,6 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         roots: catalog::AllowedRoots::new(&s.allowed_roots).map_err(ServeError::Root)?,
         runtime_updates: s.runtime_updates,
         api_key: s.api_key.clone(),
-        max_waiting: s.max_waiting,
         model_cfg: cfg,
         max_lora_rank: s.max_lora_rank,
         seq: AtomicU64::new(0),

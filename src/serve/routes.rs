@@ -34,8 +34,6 @@ pub struct AppState {
     /// `--enable-lora-runtime-updates`.
     pub runtime_updates: bool,
     pub api_key: Option<String>,
-    /// `--max-waiting`: above this many waiting requests, new ones get 503.
-    pub max_waiting: usize,
     /// Model config and rank limit, to validate adapters before registering them.
     pub model_cfg: LlamaConfig,
     pub max_lora_rank: usize,
@@ -119,7 +117,7 @@ impl AppState {
     }
 
     async fn run(&self, req: super::validation::ValidRequest) -> Result<Response, ApiError> {
-        let rx = self.engine.submit(req.clone(), self.max_waiting)?;
+        let rx = self.engine.submit(req.clone())?;
         if req.stream {
             Ok(stream::sse(&req, rx).into_response())
         } else {
