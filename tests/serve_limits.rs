@@ -21,7 +21,8 @@ fn health(s: &Server) -> (Duration, u16) {
 
 /// While clients keep sending prompts of ~4 MB (tokenizing one takes about a second),
 /// `/health` and `/metrics` answer promptly: rendering and tokenization run off the async
-/// workers (before, two such prompts held both workers and `/health` waited seconds).
+/// workers (before, two such prompts held both workers and `/health` waited seconds); and a
+/// small request queued behind the flood has that wait in its TTFT.
 #[test]
 fn health_and_metrics_answer_during_a_flood_of_big_prompts() {
     let s = &Server::tiny(&[]);
@@ -54,8 +55,18 @@ fn health_and_metrics_answer_during_a_flood_of_big_prompts() {
             std::thread::sleep(Duration::from_millis(100));
         }
         eprintln!("worst health/metrics latency during the flood: {worst:?}");
+        // A small request waits its turn for tokenization behind the flood; the server's
+        // TTFT for it must include that wait (it started after it: a few ms, while the client
+        // waited a second or more). Flood requests fail validation, so they record no TTFT.
+        let ttft_before = s.metric("vllm:time_to_first_token_seconds_sum");
+        let t0 = Instant::now();
+        assert_eq!(s.chat(BASE, "small", 1).1, "length");
+        let client_s = t0.elapsed().as_secs_f64();
+        let server_s = s.metric("vllm:time_to_first_token_seconds_sum") - ttft_before;
         stop.store(true, Ordering::Relaxed);
         assert!(worst < Duration::from_millis(400), "/health or /metrics took {worst:?} during the flood");
+        assert!(client_s > 0.3, "the small request should have queued behind the flood ({client_s} s)");
+        assert!(server_s > 0.5 * client_s, "server TTFT {server_s} s for a request the client waited {client_s} s for");
     });
 }
 

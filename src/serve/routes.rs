@@ -130,9 +130,12 @@ async fn chat(
     State(st): State<Arc<AppState>>,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let req = parsed(body)?;
     let seq = st.next_seq();
-    let valid = st.validate(move |v| v.chat(&req, seq)).await?;
+    let mut valid = st.validate(move |v| v.chat(&req, seq)).await?;
+    // Latency counts from arrival, including the wait for a tokenization permit.
+    valid.arrived = arrived;
     st.run(valid).await
 }
 
@@ -140,9 +143,12 @@ async fn completions(
     State(st): State<Arc<AppState>>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let req = parsed(body)?;
     let seq = st.next_seq();
-    let valid = st.validate(move |v| v.completion(&req, seq)).await?;
+    let mut valid = st.validate(move |v| v.completion(&req, seq)).await?;
+    // Latency counts from arrival, including the wait for a tokenization permit.
+    valid.arrived = arrived;
     st.run(valid).await
 }
 
