@@ -128,6 +128,36 @@ fn random_bodies_and_headers_get_a_200_or_a_4xx_openai_error_never_a_5xx() {
             post("/v1/completions", "application/json", bytes)
         })
         .unwrap();
+    // Random headers on a valid body: known names with junk values, and made-up names.
+    let names = prop_oneof![
+        prop::sample::select(vec![
+            "authorization",
+            "accept",
+            "accept-encoding",
+            "content-encoding",
+            "user-agent",
+            "x-request-id"
+        ])
+        .prop_map(String::from),
+        "x-[a-z0-9-]{1,12}",
+    ];
+    let headers = prop::collection::vec((names, "[ -~]{0,40}"), 1..5);
+    runner(100)
+        .run(&headers, |hs| {
+            let mut req = http.post(format!("{url}/v1/chat/completions")).json(&chat_body(BASE, "hi", 2));
+            for (k, v) in &hs {
+                req = req.header(k.as_str(), v.trim());
+            }
+            let resp = req.send().map_err(|e| TestCaseError::fail(format!("no answer to {hs:?}: {e}")))?;
+            let status = resp.status().as_u16();
+            let text = resp.text().unwrap_or_default();
+            prop_assert!(
+                status == 200 || ((400..500).contains(&status) && is_openai_error(&text)),
+                "{hs:?}: {status} {text}"
+            );
+            Ok(())
+        })
+        .unwrap();
     // Raw request heads of random bytes: a 4xx or a close, never a hang or a dead server.
     let addr = s.url.trim_start_matches("http://").to_string();
     runner(60)
