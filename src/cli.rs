@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// Waiting requests at most; beyond, 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
+    /// Waiting requests per model (the base or one adapter) at most; beyond, 429 with
+    /// Retry-After, so one tenant's burst cannot take every place (default: --max-waiting).
+    #[arg(long, value_parser = at_least_one())]
+    pub max_waiting_per_model: Option<usize>,
     /// Times a request may be passed over (a later arrival admitted first, e.g. for a resident
     /// adapter) before it goes first and no new request may pin a slot until it has one.
     #[arg(long, default_value_t = 32)]
@@ -144,6 +148,18 @@ pub struct ServeArgs {
     /// Running sequences of one tenant (adapter) at most.
     #[arg(long, value_parser = at_least_one())]
     pub max_running_per_tenant: Option<usize>,
+    /// Seconds a client has to send a request's line and headers (from its first byte), and
+    /// again its body (after the headers); the connection is closed (or the request gets a
+    /// 400) past it.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
+    /// Seconds a connection may stay open with no request in flight and none arriving.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout: u64,
+    /// Open connections at most (kept below the file-descriptor limit); beyond, a new
+    /// connection gets a 503 at once.
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one())]
+    pub max_connections: usize,
 }
 
 /// `lab loadtest` (open loop; names follow vLLM's benchmark_serving where it has one).

@@ -90,7 +90,16 @@ fn cuda_without_the_feature_is_one_line() {
 /// every request waiting), with the flag named and clap's usual exit code 2.
 #[test]
 fn zero_sized_serve_flags_are_refused() {
-    for flag in ["--block-size", "--max-num-seqs", "--max-num-batched-tokens", "--max-lora-rank"] {
+    for flag in [
+        "--block-size",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--max-lora-rank",
+        "--header-timeout",
+        "--idle-timeout",
+        "--max-connections",
+        "--max-waiting-per-model",
+    ] {
         let (code, _, err) = lab(&["serve", "--model", "synthetic:tiny", flag, "0"]);
         assert_eq!(code, 2, "{flag}: {err}");
         assert!(err.contains(flag) && !err.contains("panicked"), "{flag}: {err}");

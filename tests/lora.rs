@@ -10,7 +10,7 @@ use lab::engine::lora::slots::SlotBank;
 use lab::engine::lora::{LoraAdapter, LoraError, LoraModule};
 use lab::engine::model::{Llama, LogitsAt, PackedBatch};
 
-use crate::util::{random_adapter, random_llama, rel_err};
+use crate::util::{edit_config, edit_tensors, random_adapter, random_llama, rel_err};
 
 const ALL: [LoraModule; 7] = LoraModule::ALL;
 const SUBSET: [LoraModule; 3] = [LoraModule::Q, LoraModule::V, LoraModule::Down];
@@ -152,20 +152,6 @@ fn refusal(tag: &str, edit: impl FnOnce(&Path)) -> String {
     }
 }
 
-fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join("adapter_config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(p, v.to_string()).unwrap();
-}
-
-fn edit_tensors(dir: &Path, f: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
-    let p = dir.join("adapter_model.safetensors");
-    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
-    f(&mut t);
-    candle_core::safetensors::save(&t, &p).unwrap();
-}
-
 #[test]
 fn every_refusal_names_its_cause() {
     let m = refusal("dora", |d| edit_config(d, |v| v["use_dora"] = true.into()));
@@ -265,7 +251,11 @@ fn loading_an_adapter_never_blocks_a_step_that_does_not_need_it() {
         LoraAdapter::load(p, &cfg, 16, DType::F32, &Device::Cpu)
     };
     let bank = SlotBank::new(model.config(), 2, 16, DType::F32, &Device::Cpu).unwrap();
-    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_cpu_loras: 4 }, bank, Box::new(loader));
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig { max_loras: 2, max_cpu_loras: 4, retry_failed_after: std::time::Duration::from_secs(5) },
+        bank,
+        Box::new(loader),
+    );
     reg.register("ready", &ready_dir);
     reg.register("slow", &slow_dir);
     let ready_slot = loop {
@@ -358,7 +348,11 @@ fn a_failed_slot_write_is_an_error_every_time_never_the_base_model() {
     // The loader accepts rank 32; the bank holds rank 16 at most, so the copy-in fails.
     let loader = move |p: &Path| LoraAdapter::load(p, &cfg, 64, DType::F32, &Device::Cpu);
     let bank = SlotBank::new(model.config(), 2, 16, DType::F32, &Device::Cpu).unwrap();
-    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_cpu_loras: 4 }, bank, Box::new(loader));
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig { max_loras: 2, max_cpu_loras: 4, retry_failed_after: std::time::Duration::from_secs(5) },
+        bank,
+        Box::new(loader),
+    );
     reg.register("wide", &dir);
     let mut errors = 0;
     for _ in 0..400 {
@@ -394,7 +388,11 @@ fn a_panicking_loader_fails_one_load_and_keeps_serving_the_rest() {
         LoraAdapter::load(p, &cfg, 16, DType::F32, &Device::Cpu)
     };
     let bank = SlotBank::new(model.config(), 2, 16, DType::F32, &Device::Cpu).unwrap();
-    let mut reg = AdapterRegistry::new(RegistryConfig { max_loras: 2, max_cpu_loras: 4 }, bank, Box::new(loader));
+    let mut reg = AdapterRegistry::new(
+        RegistryConfig { max_loras: 2, max_cpu_loras: 4, retry_failed_after: std::time::Duration::from_secs(5) },
+        bank,
+        Box::new(loader),
+    );
     reg.register("bad", &bad);
     reg.register("good", &good);
     let (mut bad_failed, mut good_ready) = (false, false);

@@ -30,8 +30,20 @@ impl Server {
     }
 
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lab"))
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lab"));
+        cmd.args(args);
+        Server::spawn(cmd)
+    }
+
+    /// `lab serve` run by a shell after `prelude` (e.g. `ulimit -Sn 256`), with `args`.
+    pub fn start_after(prelude: &str, args: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!("{prelude} && exec \"$0\" \"$@\"")).arg(env!("CARGO_BIN_EXE_lab")).args(args);
+        Server::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Server {
+        let mut child = cmd
             .env("RAYON_NUM_THREADS", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

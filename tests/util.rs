@@ -75,3 +75,19 @@ pub fn random_adapter(
     }
     LoraAdapter { config: AdapterConfig::new(r, 2.0 * r as f64, modules, rslora, "test"), weights }
 }
+
+/// Rewrites a PEFT adapter's `adapter_config.json` through `f`.
+pub fn edit_config(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("adapter_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, v.to_string()).unwrap();
+}
+
+/// Rewrites a PEFT adapter's `adapter_model.safetensors` through `f`.
+pub fn edit_tensors(dir: &std::path::Path, f: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
+    let p = dir.join("adapter_model.safetensors");
+    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    f(&mut t);
+    candle_core::safetensors::save(&t, &p).unwrap();
+}

@@ -73,12 +73,18 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         kv_blocks,
         block_size: args.block_size,
         max_waiting: args.max_waiting,
+        max_waiting_per_model: args.max_waiting_per_model.unwrap_or(args.max_waiting),
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         prefix_caching: !args.no_enable_prefix_caching,
         graphs: (!args.enforce_eager)
             .then_some(GraphConfig { max_batch: args.max_num_seqs, max_context: max_model_len }),
+        conn: crate::serve::conn::ConnLimits {
+            header_timeout: Duration::from_secs(args.header_timeout),
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+            max_connections: args.max_connections,
+        },
     };
     eprintln!(
         "lab serve: KV cache {kv_blocks} blocks x {} positions ({} MiB), max model len {max_model_len}, {} adapter slots, {} adapters (+ {} found in --lora-dir)",

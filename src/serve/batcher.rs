@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::queue::{WaitLimits, WaitQueue};
 use super::resources::EngineResources;
 use super::validation::ValidRequest;
 use crate::engine::graph::{DecodeGraphs, GraphConfig};
@@ -67,21 +67,18 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     /// Requests submitted and not yet admitted into the running batch (or ended): counted at
     /// the point of submission, so `--max-waiting` holds exactly under a burst.
-    queued: Arc<AtomicUsize>,
+    queue: Arc<WaitQueue>,
 }
 
 impl EngineHandle {
-    /// Queues a request unless `max_waiting` are already queued (then 503 + Retry-After); its
-    /// events arrive on the returned channel.
-    pub fn submit(&self, req: ValidRequest, max_waiting: usize) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
-        let before = self.queued.fetch_add(1, Ordering::SeqCst);
-        if before >= max_waiting {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::Overloaded { waiting: before, limit: max_waiting });
-        }
+    /// Queues a request unless its model's or the server's waiting places are taken (then
+    /// 429 or 503, with Retry-After); its events arrive on the returned channel.
+    pub fn submit(&self, req: ValidRequest) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
+        self.queue.enter(&req.model)?;
+        let model = req.model.clone();
         let (tx, rx) = tmpsc::unbounded_channel();
         if let Err(e) = self.send(Command::Submit(Box::new(req), tx)) {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queue.leave(&model);
             return Err(e);
         }
         Ok(rx)
@@ -137,6 +134,8 @@ pub struct Engine {
     pub registry: AdapterRegistry,
     pub scheduler: Scheduler,
     pub metrics: Arc<Metrics>,
+    /// What `/v1/models` lists: told when an adapter's load fails or succeeds.
+    pub catalog: Arc<super::catalog::Catalog>,
     pub max_model_len: usize,
     /// Name per-adapter counters use for the base model.
     pub base_name: String,
@@ -144,12 +143,15 @@ pub struct Engine {
     pub graphs: Option<GraphConfig>,
 }
 
-/// Starts the engine thread; returns once it is ready to step (on CUDA: its decode graphs
-/// are captured, so no request waits for a capture).
-pub fn spawn(engine: Engine) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+/// Starts the engine thread; `limits` are `--max-waiting` and `--max-waiting-per-model`.
+/// Returns once it is ready to step (on CUDA: its decode graphs are captured, so no request
+/// waits for a capture).
+pub fn spawn(engine: Engine, limits: WaitLimits) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let engine_queued = queued.clone();
+    // Its total is shared with /metrics, which reads it at scrape time for
+    // vllm:num_requests_waiting.
+    let queue = Arc::new(WaitQueue::new(engine.metrics.queued.clone(), limits));
+    let engine_queue = queue.clone();
     let metrics = engine.metrics.clone();
     let (ready_tx, ready_rx) = mpsc::channel();
     let join = std::thread::Builder::new().name("lab-engine".into()).spawn(move || {
@@ -159,14 +161,14 @@ pub fn spawn(engine: Engine) -> std::io::Result<(EngineHandle, std::thread::Join
             tables: BTreeMap::new(),
             live: BTreeMap::new(),
             next_id: 0,
-            queued: engine_queued,
+            queue: engine_queue,
             graphs,
         };
         let _ = ready_tx.send(());
         supervised(|| state.run(rx), || on_engine_death(&metrics));
     })?;
     let _ = ready_rx.recv(); // an error here means the thread died: requests will see it
-    Ok((EngineHandle { tx, queued }, join))
+    Ok((EngineHandle { tx, queue }, join))
 }
 
 /// Captures every decode-graph bucket on the engine's pool (CUDA only). A capture that fails
@@ -213,7 +215,7 @@ fn on_engine_death(metrics: &Metrics) {
 
 struct EngineState {
     e: Engine,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<WaitQueue>,
     tables: BTreeMap<SeqId, BlockTable>,
     live: BTreeMap<SeqId, Live>,
     next_id: SeqId,
@@ -233,7 +235,9 @@ impl EngineState {
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd);
             }
-            self.e.registry.poll_loads();
+            for (name, outcome) in self.e.registry.poll_loads() {
+                self.e.catalog.set_failed(&name, outcome.err());
+            }
             self.drop_cancelled();
             let plan = {
                 let EngineState { e, tables, .. } = self;
@@ -286,7 +290,11 @@ impl EngineState {
                 let _ = reply.send(());
             }
             Command::Unregister { name, reply } => {
-                let _ = reply.send(self.e.registry.unregister(&name));
+                let known = self.e.registry.unregister(&name);
+                // Its series leave /metrics (requests still running on it are not counted
+                // back in when they end, see `end`).
+                self.e.metrics.update(|m| m.per_adapter.remove(&name));
+                let _ = reply.send(known);
             }
             Command::AbortAll { reason, reply } => {
                 let ids: Vec<SeqId> = self.live.keys().copied().collect();
@@ -304,7 +312,7 @@ impl EngineState {
         for s in &plan.batch {
             if let Some(live) = self.live.get_mut(&s.id).filter(|l| l.queued) {
                 live.queued = false;
-                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.queue.leave(&live.req.model);
             }
         }
     }
@@ -318,13 +326,31 @@ impl EngineState {
 
     fn fail_unschedulable(&mut self, plan: &StepPlan) {
         for (id, msg) in &plan.failed {
-            // The scheduler already dropped it; only the reply and metrics remain.
-            if let Some(live) = self.live.remove(id) {
-                let err = ApiError::Unavailable(msg.clone());
-                tracing::warn!(id = %live.req.id, model = %live.req.model, "request failed: {msg}");
-                self.e.metrics.update(|m| *m.finished.entry("error").or_default() += 1);
-                let _ = live.tx.send(Event::Failed(err));
-            }
+            // The scheduler already dropped it; `end` gives its place in the queue count back
+            // (removing it here directly leaked one place per failure, until --max-waiting
+            // refused every request) and answers it.
+            let Some(live) = self.live.get(id) else { continue };
+            tracing::warn!(id = %live.req.id, model = %live.req.model, "request failed: {msg}");
+            let err = self.adapter_error(live.req.adapter.as_deref(), msg);
+            self.end(*id, Err(err));
+        }
+    }
+
+    /// The error of a request its adapter could not be given to: a 400 when the adapter's
+    /// files do not load (its owner's to fix), a 404 when it was unloaded, else a 500.
+    fn adapter_error(&self, adapter: Option<&str>, msg: &str) -> ApiError {
+        let state = self.e.registry.state();
+        match adapter {
+            Some(a) if state.current(a).is_none() => ApiError::ModelNotFound(a.to_string()),
+            Some(a) => match state.load_error(a) {
+                Some(why) => ApiError::AdapterFailed {
+                    name: a.to_string(),
+                    message: why.to_string(),
+                    retry_secs: super::RETRY_FAILED_LOAD.as_secs(),
+                },
+                None => ApiError::Internal(msg.to_string()),
+            },
+            None => ApiError::Internal(msg.to_string()),
         }
     }
 
@@ -478,7 +504,7 @@ impl EngineState {
     fn end(&mut self, id: SeqId, outcome: Result<Option<FinishReason>, ApiError>) {
         let Some(mut live) = self.live.remove(&id) else { return };
         if live.queued {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queue.leave(&live.req.model);
         }
         {
             let EngineState { e, tables, .. } = self;
@@ -505,14 +531,21 @@ impl EngineState {
         if let Some(ev) = event {
             let _ = live.tx.send(ev);
         }
-        let adapter = live.req.adapter.clone().unwrap_or_else(|| self.e.base_name.clone());
+        // Per-adapter series only for the base and adapters still registered: an unloaded
+        // adapter's series were dropped and must not come back with its last requests.
+        let adapter = match &live.req.adapter {
+            None => Some(self.e.base_name.clone()),
+            Some(a) => self.e.registry.state().current(a).map(|_| a.clone()),
+        };
         self.e.metrics.update(|m| {
             *m.finished.entry(label).or_default() += 1;
             m.generation_tokens += usage.completion_tokens as u64;
-            let c = m.per_adapter.entry(adapter.clone()).or_default();
-            c.requests += 1;
-            c.prompt_tokens += usage.prompt_tokens as u64;
-            c.generation_tokens += usage.completion_tokens as u64;
+            if let Some(adapter) = adapter {
+                let c = m.per_adapter.entry(adapter).or_default();
+                c.requests += 1;
+                c.prompt_tokens += usage.prompt_tokens as u64;
+                c.generation_tokens += usage.completion_tokens as u64;
+            }
             if label != "abort" && label != "error" {
                 m.e2e.observe(live.req.arrived.elapsed().as_secs_f64());
             }
@@ -530,11 +563,13 @@ impl EngineState {
         let waiting: std::collections::BTreeSet<String> =
             self.e.scheduler.waiting_ids().filter_map(|id| name(&id)).collect();
         let (loads, evictions) = self.e.registry.counters();
-        let (nr, nw, free) =
-            (self.e.scheduler.num_running(), self.e.scheduler.num_waiting(), self.e.kv.num_free_blocks());
+        // Waiting = submitted and never admitted (the shared counter, read at scrape time) +
+        // preempted, waiting to be recomputed (admitted before, so not in that counter).
+        let requeued = self.e.scheduler.waiting_ids().filter(|id| self.live.get(id).is_some_and(|l| !l.queued)).count();
+        let (nr, free) = (self.e.scheduler.num_running(), self.e.kv.num_free_blocks());
         self.e.metrics.update(|m| {
             m.running = nr;
-            m.waiting = nw;
+            m.requeued = requeued;
             m.kv_free_blocks = free;
             m.running_adapters = running;
             m.waiting_adapters = waiting;

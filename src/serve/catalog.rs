@@ -15,6 +15,8 @@ pub struct CatalogEntry {
     pub path: PathBuf,
     /// Unix seconds when it was (re)loaded.
     pub created: u64,
+    /// Why its last load failed, until one succeeds (`/v1/models` does not list it meanwhile).
+    pub failed: Option<String>,
 }
 
 /// Base name + adapters, shared by the HTTP handlers (the engine keeps its own registry).
@@ -40,8 +42,15 @@ impl Catalog {
 
     /// Adds or replaces `name`.
     pub fn insert(&self, name: &str, path: &Path) {
-        let entry = CatalogEntry { path: path.to_path_buf(), created: unix_now() };
+        let entry = CatalogEntry { path: path.to_path_buf(), created: unix_now(), failed: None };
         self.adapters.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), entry);
+    }
+
+    /// Records the outcome of a load of `name` (`Some(why)` failed, `None` succeeded).
+    pub fn set_failed(&self, name: &str, why: Option<String>) {
+        if let Some(e) = self.adapters.write().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
+            e.failed = why;
+        }
     }
 
     pub fn remove(&self, name: &str) -> bool {

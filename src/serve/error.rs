@@ -16,6 +16,10 @@ pub enum ApiError {
     /// 404: no base model or adapter of that name.
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
+    /// 400: the adapter's files cannot be loaded (its owner's to fix; not "overloaded", which
+    /// clients would retry for ever).
+    #[error("The adapter `{name}` cannot be loaded: {message} (fix its files: a request after {retry_secs} s reads them again; or reload it with /v1/load_lora_adapter)")]
+    AdapterFailed { name: String, message: String, retry_secs: u64 },
     /// 401: missing or wrong `Authorization: Bearer`.
     #[error("Invalid API key (send `Authorization: Bearer <key>`, the key given to --api-key).")]
     Unauthorized,
@@ -25,6 +29,10 @@ pub enum ApiError {
     /// 503 + `Retry-After`: the waiting queue is full.
     #[error("The server is overloaded: {waiting} requests are waiting (--max-waiting {limit}); retry later.")]
     Overloaded { waiting: usize, limit: usize },
+    /// 429 + `Retry-After`: this model's share of the waiting queue is full (the others may
+    /// still be served).
+    #[error("Too many requests for `{model}`: {waiting} are waiting (--max-waiting-per-model {limit}); retry later.")]
+    ModelOverloaded { model: String, waiting: usize, limit: usize },
     /// 503: the server is shutting down or the engine stopped.
     #[error("{0}")]
     Unavailable(String),
@@ -42,11 +50,12 @@ impl ApiError {
     /// HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { .. } | ApiError::AdapterFailed { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Body { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
             ApiError::Overloaded { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ModelOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -56,13 +65,16 @@ impl ApiError {
         let (kind, code) = match self {
             ApiError::BadRequest { .. } | ApiError::Body { .. } => ("invalid_request_error", None),
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            ApiError::AdapterFailed { .. } => ("invalid_request_error", Some("adapter_load_failed")),
             ApiError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::Overloaded { .. } | ApiError::Unavailable(_) => ("server_error", Some("overloaded")),
+            // OpenAI's shape for a request-rate limit.
+            ApiError::ModelOverloaded { .. } => ("requests", Some("rate_limit_exceeded")),
             ApiError::Internal(_) => ("server_error", None),
         };
         let param = match self {
             ApiError::BadRequest { param, .. } => param.clone(),
-            ApiError::ModelNotFound(_) => Some("model".to_string()),
+            ApiError::ModelNotFound(_) | ApiError::AdapterFailed { .. } => Some("model".to_string()),
             _ => None,
         };
         ErrorBody {
@@ -96,7 +108,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), Json(self.body())).into_response();
-        if matches!(self, ApiError::Overloaded { .. }) {
+        if matches!(self, ApiError::Overloaded { .. } | ApiError::ModelOverloaded { .. }) {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp

@@ -61,7 +61,9 @@ pub struct AdapterCounters {
 #[derive(Debug, Clone)]
 pub struct MetricsState {
     pub running: usize,
-    pub waiting: usize,
+    /// Preempted sequences waiting to be recomputed (the never-admitted ones are
+    /// [`Metrics::queued`]).
+    pub requeued: usize,
     pub kv_free_blocks: usize,
     pub kv_total_blocks: usize,
     pub max_loras: usize,
@@ -95,6 +97,10 @@ pub struct MetricsState {
 #[derive(Debug)]
 pub struct Metrics {
     model_name: String,
+    /// Requests submitted and not yet admitted or ended: the count `--max-waiting` is checked
+    /// against (the engine handle increments it, the engine decrements it), read live here so
+    /// the waiting gauge is neither a step stale nor a different number from the limit's.
+    pub queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     state: Mutex<MetricsState>,
 }
 
@@ -102,7 +108,7 @@ impl Metrics {
     pub fn new(model_name: &str, kv_total_blocks: usize, max_loras: usize) -> Self {
         let state = MetricsState {
             running: 0,
-            waiting: 0,
+            requeued: 0,
             kv_free_blocks: kv_total_blocks,
             kv_total_blocks,
             max_loras,
@@ -124,7 +130,7 @@ impl Metrics {
             tpot: Histogram::new(TPOT_BUCKETS),
             e2e: Histogram::new(E2E_BUCKETS),
         };
-        Self { model_name: model_name.to_string(), state: Mutex::new(state) }
+        Self { model_name: model_name.to_string(), queued: Default::default(), state: Mutex::new(state) }
     }
 
     /// Runs `f` on the state under the lock.
@@ -146,7 +152,8 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{m}}} {v}");
         };
         gauge(&mut out, "vllm:num_requests_running", "Requests in the running batch.", s.running as f64);
-        gauge(&mut out, "vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.waiting as f64);
+        let waiting = self.queued.load(std::sync::atomic::Ordering::SeqCst) + s.requeued;
+        gauge(&mut out, "vllm:num_requests_waiting", "Requests waiting to be scheduled.", waiting as f64);
         let used = 1.0 - s.kv_free_blocks as f64 / s.kv_total_blocks.max(1) as f64;
         gauge(&mut out, "vllm:kv_cache_usage_perc", "KV cache usage (1 = full).", used);
         gauge(&mut out, "vllm:gpu_cache_usage_perc", "KV cache usage (1 = full; older vLLM name).", used);

@@ -7,8 +7,10 @@
 
 pub mod batcher;
 pub mod catalog;
+pub mod conn;
 pub mod error;
 pub mod metrics;
+pub mod queue;
 pub mod resources;
 pub mod routes;
 pub mod stream;
@@ -27,6 +29,9 @@ use crate::engine::lora::registry::{AdapterRegistry, RegistryConfig};
 use crate::engine::lora::slots::SlotBank;
 use crate::engine::lora::LoraAdapter;
 use crate::engine::scheduler::{Scheduler, SchedulerConfig};
+
+/// How long a failed adapter load stays the answer before a request reads the files again.
+pub const RETRY_FAILED_LOAD: Duration = Duration::from_secs(5);
 
 /// Resolved server settings (built once from the CLI).
 #[derive(Debug, Clone)]
@@ -50,6 +55,8 @@ pub struct ServeSettings {
     pub kv_blocks: usize,
     pub block_size: usize,
     pub max_waiting: usize,
+    /// `--max-waiting-per-model` (default: `max_waiting`, i.e. no share of its own).
+    pub max_waiting_per_model: usize,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
@@ -57,6 +64,9 @@ pub struct ServeSettings {
     pub prefix_caching: bool,
     /// Decode CUDA graphs (`None`: `--enforce-eager`).
     pub graphs: Option<crate::engine::graph::GraphConfig>,
+    /// Header and idle timeouts and the connection cap asked for (the cap is lowered below
+    /// the fd limit at start-up).
+    pub conn: conn::ConnLimits,
 }
 
 /// Errors that stop the server from starting.
@@ -100,8 +110,15 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
     let bank = SlotBank::new(&cfg, s.max_loras, s.max_lora_rank, dtype, &device)?;
     let (lcfg, rank, ldev) = (cfg.clone(), s.max_lora_rank, device.clone());
     let loader = Box::new(move |p: &std::path::Path| LoraAdapter::load(p, &lcfg, rank, dtype, &ldev));
-    let mut registry =
-        AdapterRegistry::new(RegistryConfig { max_loras: s.max_loras, max_cpu_loras: s.max_cpu_loras }, bank, loader);
+    let mut registry = AdapterRegistry::new(
+        RegistryConfig {
+            max_loras: s.max_loras,
+            max_cpu_loras: s.max_cpu_loras,
+            retry_failed_after: RETRY_FAILED_LOAD,
+        },
+        bank,
+        loader,
+    );
     for (name, path) in &modules {
         registry.register(name, path);
         catalog.insert(name, path);
@@ -121,11 +138,13 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         registry,
         scheduler: Scheduler::new(s.scheduler),
         metrics: metrics.clone(),
+        catalog: catalog.clone(),
         max_model_len: s.max_model_len,
         base_name: s.served_model_name.clone(),
         graphs: s.graphs,
     };
-    let (handle, engine_thread) = batcher::spawn(engine)?;
+    let limits = queue::WaitLimits { total: s.max_waiting, per_model: s.max_waiting_per_model };
+    let (handle, engine_thread) = batcher::spawn(engine, limits)?;
     let state = Arc::new(routes::AppState {
         validator: validation::Validator { tokenizer, catalog: catalog.clone(), max_model_len: s.max_model_len },
         engine: handle,
@@ -134,10 +153,10 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         roots: catalog::AllowedRoots::new(&s.allowed_roots).map_err(ServeError::Root)?,
         runtime_updates: s.runtime_updates,
         api_key: s.api_key.clone(),
-        max_waiting: s.max_waiting,
         model_cfg: cfg,
         max_lora_rank: s.max_lora_rank,
         seq: AtomicU64::new(0),
+        prep: Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let served = rt.block_on(serve_http(&s, state));
@@ -161,27 +180,37 @@ async fn serve_http(s: &ServeSettings, state: Arc<routes::AppState>) -> Result<(
     eprintln!("lab serve: listening on http://{local} (model {})", s.served_model_name);
     let engine = state.engine.clone();
     let app = routes::router(state, s.max_body_bytes);
+    let mut limits = s.conn;
+    // Many systems start processes at a soft limit of 1,024 descriptors with a far higher hard
+    // limit; past the soft one every accept fails, /health included.
+    let fd_limit = conn::raise_fd_limit().unwrap_or(1024);
+    limits.max_connections = conn::connection_cap(limits.max_connections, fd_limit);
+    if limits.max_connections < s.conn.max_connections {
+        eprintln!(
+            "lab serve: --max-connections {} lowered to {} to stay below the file-descriptor limit ({fd_limit})",
+            s.conn.max_connections, limits.max_connections
+        );
+    }
     let timeout = s.shutdown_timeout;
     let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let forced_flag = forced.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            eprintln!("lab serve: shutting down: no new connections; in-flight requests get {timeout:?}");
-            // In-flight requests get the timeout; after it the process exits regardless.
-            tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
-                eprintln!("lab serve: shutdown timeout reached, cancelling what is left");
-                // Cut streams end with an error event and [DONE], not silence; then a non-zero
-                // exit says the shutdown was not clean.
-                let reason = format!("the server is shutting down: --shutdown-timeout {timeout:?} expired");
-                forced_flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                let _ = tokio::time::timeout(Duration::from_secs(2), engine.abort_all(&reason)).await;
-                tokio::time::sleep(Duration::from_secs(2)).await; // the streams end, serve returns
-                std::process::exit(1); // only if a connection still hangs on
-            });
-        })
-        .await?;
+    let shutdown = async move {
+        shutdown_signal().await;
+        eprintln!("lab serve: shutting down: no new connections; in-flight requests get {timeout:?}");
+        // In-flight requests get the timeout; after it the process exits regardless.
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            eprintln!("lab serve: shutdown timeout reached, cancelling what is left");
+            // Cut streams end with an error event and [DONE], not silence; then a non-zero
+            // exit says the shutdown was not clean.
+            let reason = format!("the server is shutting down: --shutdown-timeout {timeout:?} expired");
+            forced_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = tokio::time::timeout(Duration::from_secs(2), engine.abort_all(&reason)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await; // the streams end, serve returns
+            std::process::exit(1); // only if a connection still hangs on
+        });
+    };
+    conn::serve(listener, app, limits, shutdown).await;
     if forced.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ServeError::ForcedShutdown(timeout));
     }

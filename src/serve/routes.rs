@@ -34,12 +34,13 @@ pub struct AppState {
     /// `--enable-lora-runtime-updates`.
     pub runtime_updates: bool,
     pub api_key: Option<String>,
-    /// `--max-waiting`: above this many waiting requests, new ones get 503.
-    pub max_waiting: usize,
     /// Model config and rank limit, to validate adapters before registering them.
     pub model_cfg: LlamaConfig,
     pub max_lora_rank: usize,
     pub seq: AtomicU64,
+    /// Permits for rendering + tokenizing prompts on the blocking pool (one per core): a
+    /// flood of big prompts queues here instead of occupying the async workers.
+    pub prep: Arc<tokio::sync::Semaphore>,
 }
 
 /// 200 while the engine thread runs; 503 once it died (orchestrators restart on that, and the
@@ -96,8 +97,27 @@ impl AppState {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Runs `f` (template rendering and tokenization: a 4 MB prompt takes about a second) on
+    /// the blocking pool, at most one per permit, so `/health`, `/metrics` and small requests
+    /// keep their async workers during a flood. The permit moves into the task: a client that
+    /// leaves frees its handler, not the CPU its tokenization still uses.
+    async fn validate(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Validator) -> Result<super::validation::ValidRequest, ApiError> + Send + 'static,
+    ) -> Result<super::validation::ValidRequest, ApiError> {
+        let permit =
+            self.prep.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable("shutting down".into()))?;
+        let st = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&st.validator)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("request validation failed: {e}")))?
+    }
+
     async fn run(&self, req: super::validation::ValidRequest) -> Result<Response, ApiError> {
-        let rx = self.engine.submit(req.clone(), self.max_waiting)?;
+        let rx = self.engine.submit(req.clone())?;
         if req.stream {
             Ok(stream::sse(&req, rx).into_response())
         } else {
@@ -110,8 +130,12 @@ async fn chat(
     State(st): State<Arc<AppState>>,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let req = parsed(body)?;
-    let valid = st.validator.chat(&req, st.next_seq())?;
+    let seq = st.next_seq();
+    let mut valid = st.validate(move |v| v.chat(&req, seq)).await?;
+    // Latency counts from arrival, including the wait for a tokenization permit.
+    valid.arrived = arrived;
     st.run(valid).await
 }
 
@@ -119,8 +143,12 @@ async fn completions(
     State(st): State<Arc<AppState>>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let req = parsed(body)?;
-    let valid = st.validator.completion(&req, st.next_seq())?;
+    let seq = st.next_seq();
+    let mut valid = st.validate(move |v| v.completion(&req, seq)).await?;
+    // Latency counts from arrival, including the wait for a tokenization permit.
+    valid.arrived = arrived;
     st.run(valid).await
 }
 
@@ -135,7 +163,8 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
         parent: None,
         max_model_len: Some(st.validator.max_model_len),
     }];
-    for (name, e) in st.catalog.adapters() {
+    // An adapter whose last load failed is not offered (requests to it get a 400 saying why).
+    for (name, e) in st.catalog.adapters().into_iter().filter(|(_, e)| e.failed.is_none()) {
         data.push(ModelCard {
             id: name,
             object: "model".into(),

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::engine::lora::slots::SlotBank;
 use crate::engine::lora::{LoraAdapter, LoraError};
@@ -25,6 +26,10 @@ pub struct RegistryConfig {
     pub max_loras: usize,
     /// Parsed adapters kept in host memory (`--max-cpu-loras`).
     pub max_cpu_loras: usize,
+    /// A failed load is the answer for this long; the next request after it reads the files
+    /// again (a failure kept for ever made a fixed adapter need a reload by hand, and
+    /// retrying on every request would re-read a broken one at the request rate).
+    pub retry_failed_after: Duration,
 }
 
 /// One loaded version of a named adapter.
@@ -57,7 +62,8 @@ pub enum Acquire {
 struct Known {
     path: PathBuf,
     generation: u64,
-    error: Option<String>,
+    /// The last load's failure and when it happened.
+    error: Option<(String, Instant)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -124,9 +130,12 @@ impl RegistryState {
 
     /// Asks for a pinned slot holding the current generation of `name`.
     pub fn acquire(&mut self, name: &str) -> Acquire {
-        let Some(known) = self.known.get(name) else { return Acquire::Unknown };
-        if let Some(e) = &known.error {
-            return Acquire::Failed(e.clone());
+        let retry = self.cfg.retry_failed_after;
+        let Some(known) = self.known.get_mut(name) else { return Acquire::Unknown };
+        match &known.error {
+            Some((e, at)) if at.elapsed() < retry => return Acquire::Failed(e.clone()),
+            Some(_) => known.error = None, // time to read the files again
+            None => {}
         }
         let id = AdapterId { name: name.to_string(), generation: known.generation };
         let path = known.path.clone();
@@ -186,12 +195,19 @@ impl RegistryState {
         evicted
     }
 
-    /// A background load failed; later `acquire`s of that name answer `Failed` until re-registered.
+    /// A background load failed; `acquire`s of that name answer `Failed` for
+    /// `retry_failed_after` (or until it is re-registered), then load again.
     pub fn load_failed(&mut self, id: &AdapterId, message: String) {
         self.loading.remove(id);
         if let Some(k) = self.known.get_mut(&id.name).filter(|k| k.generation == id.generation) {
-            k.error = Some(message);
+            k.error = Some((message, Instant::now()));
         }
+    }
+
+    /// The last load failure of `name`, while it is still the answer.
+    pub fn load_error(&self, name: &str) -> Option<&str> {
+        let (e, at) = self.known.get(name)?.error.as_ref()?;
+        (at.elapsed() < self.cfg.retry_failed_after).then_some(e.as_str())
     }
 
     /// Pins held on `slot` (for tests and metrics).
@@ -315,18 +331,25 @@ impl AdapterRegistry {
         }
     }
 
-    /// Takes finished background loads into the CPU tier (call once per step).
-    pub fn poll_loads(&mut self) {
+    /// Takes finished background loads into the CPU tier (call once per step); returns each
+    /// one's adapter name and outcome (the failure's message), for the caller's catalog.
+    pub fn poll_loads(&mut self) -> Vec<(String, std::result::Result<(), String>)> {
+        let mut outcomes = Vec::new();
         while let Ok((id, result)) = self.done.try_recv() {
             match result {
                 Ok(adapter) => {
+                    outcomes.push((id.name.clone(), Ok(())));
                     self.cpu_data.insert(id.clone(), Arc::new(adapter));
                     let evicted = self.state.cpu_loaded(id);
                     self.drop_cpu(evicted);
                 }
-                Err(e) => self.state.load_failed(&id, e.to_string()),
+                Err(e) => {
+                    outcomes.push((id.name.clone(), Err(e.to_string())));
+                    self.state.load_failed(&id, e.to_string());
+                }
             }
         }
+        outcomes
     }
 
     /// Pins a slot with the current generation of `name`, starting a load if needed.
@@ -381,7 +404,7 @@ mod tests {
     use super::*;
 
     fn state(max_loras: usize, max_cpu_loras: usize) -> RegistryState {
-        RegistryState::new(RegistryConfig { max_loras, max_cpu_loras })
+        RegistryState::new(RegistryConfig { max_loras, max_cpu_loras, retry_failed_after: Duration::from_secs(3600) })
     }
 
     /// Registers `name`, runs its load to completion, and acquires it: returns the slot.
@@ -482,9 +505,28 @@ mod tests {
         let Acquire::Load { id, .. } = s.acquire("bad") else { panic!() };
         s.load_failed(&id, "rank 64 exceeds --max-lora-rank 16".into());
         assert!(matches!(s.acquire("bad"), Acquire::Failed(m) if m.contains("max-lora-rank")));
+        assert!(s.load_error("bad").is_some_and(|m| m.contains("max-lora-rank")));
         s.register("bad", Path::new("/adapters/bad-fixed"));
         assert!(matches!(s.acquire("bad"), Acquire::Load { .. }), "re-registering clears the failure");
         assert!(s.unregister("bad").is_some());
         assert_eq!(s.acquire("bad"), Acquire::Unknown);
+    }
+
+    #[test]
+    fn a_failed_load_is_retried_after_the_interval_not_before() {
+        let mut s = RegistryState::new(RegistryConfig {
+            max_loras: 1,
+            max_cpu_loras: 1,
+            retry_failed_after: Duration::from_millis(200),
+        });
+        s.register("x", Path::new("/adapters/x"));
+        let Acquire::Load { id, .. } = s.acquire("x") else { panic!() };
+        s.load_failed(&id, "corrupt".into());
+        assert_eq!(s.acquire("x"), Acquire::Failed("corrupt".into()));
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(s.load_error("x"), None);
+        let Acquire::Load { id, .. } = s.acquire("x") else { panic!("after the interval the files are read again") };
+        s.cpu_loaded(id);
+        assert!(matches!(s.acquire("x"), Acquire::CopyIn { .. }), "the fixed adapter serves");
     }
 }
