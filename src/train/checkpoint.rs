@@ -52,7 +52,9 @@ pub fn save(
     Ok(dest)
 }
 
-/// Removes all but the newest `keep` complete checkpoints (and stale temporaries).
+/// Removes all but the newest `keep` complete checkpoints (and what a kill left of earlier
+/// removals). Each old checkpoint is first renamed out of the `step-*` names, then deleted, so
+/// a kill during the deletion never leaves a half-deleted `step-*` folder behind.
 fn prune(root: &Path, keep: usize) {
     let Ok(entries) = std::fs::read_dir(root) else { return };
     let mut names: Vec<String> =
@@ -60,6 +62,12 @@ fn prune(root: &Path, keep: usize) {
     names.sort();
     let done: Vec<&String> = names.iter().filter(|n| n.starts_with("step-")).collect();
     for n in done.iter().take(done.len().saturating_sub(keep)) {
+        let trash = root.join(format!(".trash-{n}"));
+        if std::fs::rename(root.join(n), &trash).is_ok() {
+            let _ = std::fs::remove_dir_all(&trash);
+        }
+    }
+    for n in names.iter().filter(|n| n.starts_with(".trash-")) {
         let _ = std::fs::remove_dir_all(root.join(n));
     }
 }
