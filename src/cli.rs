@@ -486,6 +486,10 @@ pub struct EvalArgs {
     /// Per-example results (JSONL).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Print every miss: the question, the expected answer, the answer given and why it
+    /// scored 0.
+    #[arg(long)]
+    pub show_errors: bool,
     /// Print the base+adapters x domains accuracy table.
     #[arg(long)]
     pub matrix: bool,

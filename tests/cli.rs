@@ -105,3 +105,25 @@ fn zero_sized_serve_flags_are_refused() {
         assert!(err.contains(flag) && !err.contains("panicked"), "{flag}: {err}");
     }
 }
+
+/// `lab eval --show-errors` lists every miss with the question, the expected answer, what came
+/// back and why (the random tiny model misses all three).
+#[test]
+fn eval_show_errors_lists_each_miss() {
+    let (code, out, err) = lab(&[
+        "eval",
+        "--model",
+        "synthetic:tiny",
+        "--domain",
+        "C",
+        "--limit",
+        "3",
+        "--max-tokens",
+        "4",
+        "--show-errors",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("accuracy 0.0% (0/3)") && out.contains("3 misses:"), "{out}");
+    assert_eq!(out.matches("      expected  {\"name\": ").count(), 3, "{out}");
+    assert_eq!(out.matches("      why       ").count(), 3, "{out}");
+}

@@ -52,10 +52,41 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         100.0 * correct as f64 / scored.len().max(1) as f64,
         scored.len()
     );
+    if args.show_errors {
+        print!("{}", errors_table(&examples, &scored));
+    }
     if let Some(out) = &args.out {
         write_results(out, &examples, &scored)?;
     }
     Ok(())
+}
+
+/// Widest a question, answer or reason cell of `--show-errors` gets (longer ones end in `...`).
+const CELL: usize = 60;
+
+/// The misses as a plain-text table: the question, what was expected, what came back, why.
+fn errors_table(examples: &[Example], scored: &[Scored]) -> String {
+    let cut = |s: &str| {
+        let s = s.replace('\n', " ");
+        if s.chars().count() <= CELL {
+            s
+        } else {
+            format!("{}...", s.chars().take(CELL - 3).collect::<String>())
+        }
+    };
+    let misses: Vec<(usize, &Example, &Scored)> =
+        examples.iter().zip(scored).enumerate().filter(|(_, (_, s))| !s.correct).map(|(i, (e, s))| (i, e, s)).collect();
+    let mut out = format!("{} misses:\n", misses.len());
+    for (i, ex, s) in misses {
+        out.push_str(&format!(
+            "#{i:<4} question  {}\n      expected  {}\n      got       {}\n      why       {}\n",
+            cut(ex.user()),
+            cut(ex.answer()),
+            cut(s.prediction.trim()),
+            cut(&s.detail)
+        ));
+    }
+    out
 }
 
 fn load(args: &EvalArgs) -> anyhow::Result<LoadedModel> {
