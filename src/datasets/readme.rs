@@ -25,7 +25,10 @@ committed files match the generator.
 | `c-tools/` | C, `tools` | request -> `{{\"name\": N, \"arguments\": {{...}}}}` | name and arguments equal |
 
 Each domain has `train.jsonl` ({TRAIN_SIZE} examples), `eval.jsonl` ({EVAL_SIZE} examples) and a README with
-its canonical system message, output grammar and scoring rule.
+its canonical system message, output grammar and scoring rule. Beside them, `handwritten.jsonl` (30+
+questions per domain) is not generated: written by hand in users' own words, never trained on, it
+checks that the eval split predicts accuracy on questions nobody generated
+(`lab eval --domain A --data datasets/a-sql/handwritten.jsonl --show-errors`).
 
 ## Format
 

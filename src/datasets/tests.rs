@@ -172,3 +172,29 @@ fn eval_uses_held_out_phrasings_and_values() {
         assert!(novel > EVAL_SIZE / 4, "{domain}: only {novel} eval messages have unseen words");
     }
 }
+
+/// `datasets/*/handwritten.jsonl`: at least 30 questions per domain written by hand, none of
+/// them a generated user message, each gold answer valid for its scorer (it scores itself
+/// correct) and, for SQL, returning rows on the shop database.
+#[test]
+fn handwritten_sets_are_scorable_and_not_generated() {
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets");
+    let scorer = crate::eval::Scorer::new().expect("scorer");
+    let sql = crate::eval::SqlScorer::new().expect("shop database");
+    for domain in Domain::ALL {
+        let path = committed.join(domain.dir_name()).join("handwritten.jsonl");
+        let hand = read_jsonl(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(hand.len() >= 30, "{}: {} examples", path.display(), hand.len());
+        let (train, eval) = generated(domain);
+        let seen: HashSet<&str> = train.iter().chain(eval).map(|e| e.user()).collect();
+        for ex in &hand {
+            assert!(!seen.contains(ex.user()), "{domain}: {:?} is a generated message", ex.user());
+            let s = scorer.score(domain, ex.answer(), ex.answer());
+            assert!(s.correct, "{domain}: {:?}: {}", ex.user(), s.detail);
+            if domain == Domain::A {
+                let rows = sql.run(ex.answer()).expect("gold runs");
+                assert!(!rows.is_empty(), "{:?} returns no rows", ex.user());
+            }
+        }
+    }
+}
