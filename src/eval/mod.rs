@@ -18,6 +18,11 @@ use crate::datasets::Domain;
 pub use crate::datasets::shop::shop_database;
 pub use sql::SqlScorer;
 
+/// A JSON field as a person reads it in a miss: the value as JSON, or `missing`.
+fn shown(v: Option<&serde_json::Value>) -> String {
+    v.map_or_else(|| "missing".to_string(), |v| v.to_string())
+}
+
 /// Errors from setting up a scorer.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {

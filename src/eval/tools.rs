@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 
+use super::shown;
 use super::triage::parse_pair;
 use super::Score;
 
@@ -19,7 +20,11 @@ pub(super) fn score(gold: &str, predicted: &str) -> Score {
     }
     let name = |v: Option<&Value>| v.and_then(Value::as_str).map(str::trim).map(str::to_string);
     if name(predicted.get("name")) != name(gold.get("name")) {
-        return Score::wrong(format!("name: expected {:?}, got {:?}", gold.get("name"), predicted.get("name")));
+        return Score::wrong(format!(
+            "name: expected {}, got {}",
+            shown(gold.get("name")),
+            shown(predicted.get("name"))
+        ));
     }
     let (Some(Value::Object(want)), Some(Value::Object(got))) = (gold.get("arguments"), predicted.get("arguments"))
     else {

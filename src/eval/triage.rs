@@ -2,6 +2,7 @@
 
 use serde_json::{Map, Value};
 
+use super::shown;
 use super::Score;
 
 const FIELDS: [&str; 2] = ["category", "priority"];
@@ -32,7 +33,11 @@ pub(super) fn score(gold: &str, predicted: &str) -> Score {
     }
     for field in FIELDS {
         if predicted.get(field) != gold.get(field) {
-            return Score::wrong(format!("{field}: expected {:?}, got {:?}", gold.get(field), predicted.get(field)));
+            return Score::wrong(format!(
+                "{field}: expected {}, got {}",
+                shown(gold.get(field)),
+                shown(predicted.get(field))
+            ));
         }
     }
     Score::ok()
