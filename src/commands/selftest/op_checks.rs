@@ -105,7 +105,7 @@ pub fn paged_kernels(device: &Device, dtype: DType, seed: u64) -> anyhow::Result
 
 /// One decode-attention check: `m` queries (from `m + 3` query rows: rows are looked up) with random contexts (the first 1, one at
 /// `max_ctx`) over random block permutations of a pool (re-made large enough for `max_ctx`).
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn decode_case(
     rng: &mut StdRng,
     ((q, qd), (kc, kcd), (vc, vcd)): (&(Tensor, Tensor), (&Tensor, &Tensor), (&Tensor, &Tensor)),
