@@ -19,6 +19,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "convert.cuh"
+
 #define WARPS 4
 #define UNROLL 4
 
@@ -42,9 +44,6 @@ __device__ __forceinline__ void unpack8(const uint4& u, float* f, const __half*)
     }
 }
 
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 template <typename T, int M, int NPW>
 __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, uint32_t N, uint32_t K) {

@@ -29,17 +29,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "convert.cuh"
+
 #define MAX_WARPS 8
 // Template parameters, since registers scale with them: MAX_NPL = head dims per lane (D / 32
 // rounded up to 1, 2, 4 or 8) and MAX_REP = query heads per kv head at most (4 or 8).
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
