@@ -395,9 +395,6 @@ impl EngineState {
             Ok(None) => ("abort", None),
             Err(e) => ("error", Some(Event::Failed(e))),
         };
-        if let Some(ev) = event {
-            let _ = live.tx.send(ev);
-        }
         // Per-adapter series only for the base and adapters still registered: an unloaded
         // adapter's series were dropped and must not come back with its last requests.
         let adapter = match &live.req.adapter {
@@ -417,6 +414,11 @@ impl EngineState {
                 m.e2e.observe(live.req.arrived.elapsed().as_secs_f64());
             }
         });
+        // Counted before the client hears the end: a scrape right after a response must
+        // already include it.
+        if let Some(ev) = event {
+            let _ = live.tx.send(ev);
+        }
         tracing::info!(
             id = %live.req.id, model = %live.req.model, prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens, ms = ms as u64, finish = label, "request"
