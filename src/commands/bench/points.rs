@@ -51,13 +51,14 @@ pub fn decode_points(
     args: &BenchArgs,
 ) -> anyhow::Result<Vec<DecodePoint>> {
     let (model, cfg) = (&m.model, m.model.config());
-    // Base-only points run eagerly and, on CUDA unless --enforce-eager, again as graph replays
-    // (what `lab serve` runs), so both land in one table.
+    // Every point runs eagerly and, on CUDA unless --enforce-eager, again as graph replays
+    // (what `lab serve` runs; adapters through the batched LoRA kernels), so both land in one
+    // table.
     let graphs_on = model.device().is_cuda() && !args.enforce_eager;
     let modes: Vec<(usize, bool)> = args
         .adapters
         .iter()
-        .flat_map(|&n| std::iter::once((n, false)).chain((n == 0 && graphs_on).then_some((n, true))))
+        .flat_map(|&n| std::iter::once((n, false)).chain(graphs_on.then_some((n, true))))
         .collect();
     let steps_per_point = 2 + args.repeats * args.decode_steps;
     let max_len = args.prompt_len + modes.len() * steps_per_point + 1;
@@ -89,7 +90,7 @@ pub fn decode_points(
             }
             let mut kv = kv.batch(tables.iter_mut().collect());
             if graph {
-                let ids = graphs.decode(model, &b, &mut kv, &greedy)?;
+                let ids = graphs.decode(model, &b, &mut kv, &greedy, Some(bank))?;
                 anyhow::ensure!(ids.is_some(), "batch {batch} did not fit a decode graph");
             } else {
                 greedy_ids(&model.forward_lora(&b, &mut kv, Some(bank), LogitsAt::Last)?)?;

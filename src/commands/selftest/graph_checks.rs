@@ -13,6 +13,9 @@ use rand::{Rng, SeedableRng};
 use super::model_checks::{build, configs, pool, random_tensors, WIDEN_BF16};
 use super::Outcome;
 use crate::engine::graph::{DecodeGraphs, GraphConfig};
+use crate::engine::lora::op::LoraWeights;
+use crate::engine::lora::slots::SlotBank;
+use crate::engine::lora::LoraAdapter;
 use crate::engine::model::{Llama, LogitsAt, PackedBatch};
 use crate::engine::sampling::op::{sample_on_device, RowParam, RowParams};
 
@@ -37,11 +40,11 @@ pub fn graph_replay(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
                     (0..len).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect()
                 })
                 .collect();
-            let eager = greedy(&model, &prompts, steps, None, None)?;
+            let eager = greedy(&model, &prompts, steps, None, None, None)?;
             let mut graphs = DecodeGraphs::new(GraphConfig { max_batch: seqs, max_context: MAX_PROMPT + steps + 1 });
             let full_bucket = graphs.max_batch() == seqs;
             let forced = (!full_bucket).then_some(eager.as_slice());
-            let replayed = greedy(&model, &prompts, steps, Some(&mut graphs), forced)?;
+            let replayed = greedy(&model, &prompts, steps, Some(&mut graphs), forced, None)?;
             let replays_ok = graphs.replays() == steps as u64;
             if full_bucket {
                 let same = eager.iter().zip(&replayed).filter(|(a, b)| a == b).count();
@@ -66,8 +69,43 @@ pub fn graph_replay(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
                 ));
             }
         }
+        out.push(with_adapters(&model, &label, dtype, seed, steps)?);
     }
     Ok(out)
+}
+
+/// 32 sequences over a bank of 3 adapters (ranks 4, 8, 16; the rank-8 one on the attention
+/// projections only) and base rows, interleaved; teacher-forced on the eager tokens, graph
+/// replays (the adapter graph) vs eager forwards. On CUDA both run the same kernels: exact.
+fn with_adapters(model: &Llama, label: &str, dtype: DType, seed: u64, steps: usize) -> anyhow::Result<Outcome> {
+    let cfg = model.config();
+    let mut bank = SlotBank::new(cfg, 3, 16, dtype, model.device())?;
+    for (slot, rank) in [4usize, 8, 16].into_iter().enumerate() {
+        let mut a = LoraAdapter::random(cfg, rank, seed ^ (slot as u64 + 7), dtype, model.device())?;
+        if rank == 8 {
+            a.weights.retain(|k, _| k.module.parent() == "self_attn");
+        }
+        bank.write(slot, &a)?;
+    }
+    let seqs = 32;
+    let slots: Vec<Option<usize>> = (0..seqs).map(|i| (i % 4 != 3).then_some(i % 4)).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xada);
+    let prompts: Vec<Vec<u32>> = (0..seqs)
+        .map(|_| (0..rng.gen_range(1..=MAX_PROMPT)).map(|_| rng.gen_range(0..cfg.vocab_size as u32)).collect())
+        .collect();
+    let lora = Some((&bank, slots.as_slice()));
+    let eager = greedy(model, &prompts, steps, None, None, lora)?;
+    let mut graphs = DecodeGraphs::new(GraphConfig { max_batch: seqs, max_context: MAX_PROMPT + steps + 1 });
+    let replayed = greedy(model, &prompts, steps, Some(&mut graphs), Some(eager.as_slice()), lora)?;
+    let total = seqs * (steps + 1);
+    let same: usize = eager.iter().zip(&replayed).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x == y).count()).sum();
+    // The CPU's eager path groups rows (apply_lora) where the static one does not: >= 99%.
+    let need = if model.device().is_cuda() { total } else { total * 99 / 100 };
+    Ok(Outcome::exact(
+        format!("decode graph {label} {dtype:?}: 32 sequences, 3 adapters + base, forced"),
+        same >= need && graphs.replays() == steps as u64,
+        format!("{same}/{total} predictions equal eager (need {need}); {} replays", graphs.replays()),
+    ))
 }
 
 /// Each prompt's first token from a packed prefill, then `steps` decode steps of all of them
@@ -79,14 +117,17 @@ fn greedy(
     steps: usize,
     mut graphs: Option<&mut DecodeGraphs>,
     forced: Option<&[Vec<u32>]>,
+    lora: Option<(&SlotBank, &[Option<usize>])>,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
     let (mut kv, mut tables) = pool(model, prompts.len(), MAX_PROMPT + steps + 1)?;
     let greedy = RowParams(vec![RowParam::GREEDY; prompts.len()]);
+    let bank = lora.map(|(b, _)| b as &dyn LoraWeights);
+    let slot = |i: usize| lora.and_then(|(_, s)| s[i]);
     let mut b = PackedBatch::default();
-    for p in prompts {
-        b.push(p, 0);
+    for (i, p) in prompts.iter().enumerate() {
+        b.push_with_slot(p, 0, slot(i));
     }
-    let logits = model.forward(&b, &mut kv.batch(tables.iter_mut().collect()), LogitsAt::Last)?;
+    let logits = model.forward_lora(&b, &mut kv.batch(tables.iter_mut().collect()), bank, LogitsAt::Last)?;
     let mut last = sample_on_device(&logits, &greedy)?;
     let mut outs: Vec<Vec<u32>> = last.iter().map(|&t| vec![t]).collect();
     for step in 0..steps {
@@ -94,15 +135,15 @@ fn greedy(
             last = f.iter().map(|s| s[step]).collect();
         }
         let mut b = PackedBatch::default();
-        for (t, tok) in tables.iter().zip(&last) {
-            b.push(&[*tok], t.len());
+        for (i, (t, tok)) in tables.iter().zip(&last).enumerate() {
+            b.push_with_slot(&[*tok], t.len(), slot(i));
         }
         let mut batch_kv = kv.batch(tables.iter_mut().collect());
         last = match graphs.as_deref_mut() {
             Some(g) => g
-                .decode(model, &b, &mut batch_kv, &greedy)?
+                .decode(model, &b, &mut batch_kv, &greedy, bank)?
                 .ok_or_else(|| anyhow::anyhow!("a plain decode step did not replay a graph"))?,
-            None => sample_on_device(&model.forward(&b, &mut batch_kv, LogitsAt::Last)?, &greedy)?,
+            None => sample_on_device(&model.forward_lora(&b, &mut batch_kv, bank, LogitsAt::Last)?, &greedy)?,
         };
         for (o, t) in outs.iter_mut().zip(&last) {
             o.push(*t);

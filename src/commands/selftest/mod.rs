@@ -7,6 +7,7 @@
 //! agreement for copies, ids and greedy tokens. Exits non-zero on any failure.
 
 mod graph_checks;
+mod lora_checks;
 mod model_checks;
 mod op_checks;
 
@@ -57,6 +58,7 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
         run("ops", op_checks::candle_ops(&device, dt, seed));
         run("kernels", op_checks::paged_kernels(&device, dt, seed));
         run("projections", op_checks::projections(&device, dt, seed));
+        run("lora kernels", lora_checks::bgmv_kernels(&device, dt, seed));
     }
     run("sampler", op_checks::greedy_sampler(&device, seed));
     for &dt in &dtypes {

@@ -5,6 +5,7 @@
 pub mod gemv;
 pub mod graph;
 pub mod kernels;
+pub mod lora;
 
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::Device;

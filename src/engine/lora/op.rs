@@ -29,6 +29,81 @@ pub trait LoraWeights {
     /// `(A: [r, in], B^T: [r, out], scale)` of `slot` for projection `key`, or `None` when that
     /// adapter does not touch `key`. `B^T` rather than `B`: both factors are then row slices.
     fn lora(&self, slot: usize, key: ProjKey) -> Result<Option<(Tensor, Tensor, f64)>>;
+
+    /// Every slot's factors of `key` stacked for the batched kernels ([`bgmv`]), when the
+    /// weights are kept that way (the serving slot bank); `None`: use [`apply_lora`].
+    fn stacked(&self, _key: ProjKey) -> Option<Stacked> {
+        None
+    }
+}
+
+/// One projection's factors of every slot, as [`bgmv`] reads them.
+#[derive(Debug, Clone)]
+pub struct Stacked {
+    /// `[S, R, in]`, slot `s`'s A in its first `rank[s]` rows.
+    pub a: Tensor,
+    /// `[S, R, out]`, slot `s`'s B^T in its first `rank[s]` rows.
+    pub bt: Tensor,
+    /// `[2S]` u32: `rank[s]` for this projection (0: the adapter does not touch it), then
+    /// `scale[s]` as f32 bits.
+    pub meta: Tensor,
+}
+
+/// Slot value of a row with no adapter (`NO_SLOT` of `kernels/lora.cu`).
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// Batched multi-LoRA of one projection with a per-row slot (BGMV): `y[t] += scale_s *
+/// (x[t] A_s^T) B_s^T` for `s = row_slot[t]` (`NO_SLOT`: nothing), the semantics of
+/// [`apply_lora`] without grouping rows, so the slots may live on the device (a CUDA graph
+/// replays it for any adapter mix). On CUDA `y` is updated in place (`kernels/lora.cu`) and
+/// returned; elsewhere [`bgmv_reference`] computes a new tensor. Inference only (no gradient).
+pub fn bgmv(y: Tensor, x: &Tensor, w: &Stacked, row_slot: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() {
+        let x = x.contiguous()?;
+        let args = crate::engine::cuda::lora::BgmvArgs { x: &x, a: &w.a, bt: &w.bt, slot: row_slot, meta: &w.meta };
+        crate::engine::cuda::lora::bgmv_cuda(&y, &args)?;
+        return Ok(y);
+    }
+    bgmv_reference(&y, x, w, row_slot)
+}
+
+/// The plain loops of [`bgmv`] on the host, f32 sums, one rounding to `y`'s dtype per output
+/// (the oracle the kernel is checked against).
+pub fn bgmv_reference(y: &Tensor, x: &Tensor, w: &Stacked, row_slot: &Tensor) -> Result<Tensor> {
+    use candle_core::DType;
+    let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+    let (m, n) = y.dims2()?;
+    let (s_count, r_max, k) = w.a.dims3()?;
+    let (mut out, xv, av, bv) = (host(y)?, host(x)?, host(&w.a)?, host(&w.bt)?);
+    let slots = row_slot.to_vec1::<u32>()?;
+    let meta = w.meta.to_vec1::<u32>()?;
+    for (row, &s) in slots.iter().enumerate().take(m) {
+        let s = s as usize;
+        if s >= s_count || meta[s] == 0 {
+            continue;
+        }
+        let (rank, scale) = (meta[s] as usize, f32::from_bits(meta[s_count + s]));
+        let xr = &xv[row * k..][..k];
+        let t: Vec<f32> = (0..rank)
+            .map(|j| scale * xr.iter().zip(&av[(s * r_max + j) * k..][..k]).map(|(a, b)| a * b).sum::<f32>())
+            .collect();
+        for (col, o) in out[row * n..][..n].iter_mut().enumerate() {
+            *o += (0..rank).map(|j| t[j] * bv[(s * r_max + j) * n + col]).sum::<f32>();
+        }
+    }
+    Ok(Tensor::from_vec(out, (m, n), y.device())?.to_dtype(y.dtype())?)
+}
+
+/// The per-row slots of a packed batch for [`bgmv`]: `rows_per_seq[i]` rows of `slots[i]`.
+pub fn row_slots(rows_per_seq: &[usize], slots: &[Option<usize>], device: &Device) -> Result<Tensor> {
+    let v: Vec<u32> = rows_per_seq
+        .iter()
+        .zip(slots)
+        .flat_map(|(&n, s)| std::iter::repeat_n(s.map_or(NO_SLOT, |s| s as u32), n))
+        .collect();
+    let n = v.len();
+    Ok(Tensor::from_vec(v, n, device)?)
 }
 
 /// A plain list of adapters, slot = index (training, tests, `lab generate --adapter`).
@@ -71,6 +146,11 @@ impl RowGroups {
         Ok(Self { total_rows: start as usize, groups })
     }
 
+    /// No groups (a forward whose adapters all go through [`bgmv`]).
+    pub fn none() -> Self {
+        Self { total_rows: 0, groups: Vec::new() }
+    }
+
     /// True when no row uses an adapter.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
@@ -89,4 +169,54 @@ pub fn apply_lora(y: Tensor, x: &Tensor, key: ProjKey, rows: &RowGroups, weights
         y = if whole { (y + delta)? } else { y.index_add(idx, &delta, 0)? };
     }
     Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+    use crate::engine::lora::slots::SlotBank;
+    use crate::engine::lora::LoraModule;
+    use crate::engine::model::config::LlamaConfig;
+
+    /// The per-row op over a slot bank (stacked factors, device metadata) computes what the
+    /// grouped oracle computes: mixed ranks, an adapter on a module subset, base rows between.
+    #[test]
+    fn bgmv_over_the_slot_bank_matches_apply_lora() {
+        let cfg = LlamaConfig::preset("tiny").unwrap();
+        let dev = Device::Cpu;
+        let mut bank = SlotBank::new(&cfg, 4, 16, DType::F32, &dev).unwrap();
+        for (slot, rank) in [(0, 4), (1, 16), (3, 8)] {
+            let mut a = LoraAdapter::random(&cfg, rank, slot as u64 + 1, DType::F32, &dev).unwrap();
+            if rank == 8 {
+                a.weights.retain(|k, _| k.module == LoraModule::Down || k.module == LoraModule::Q);
+            }
+            bank.write(slot, &a).unwrap();
+        }
+        // Slot 2 stays empty: rows naming it get nothing, like base rows.
+        let seq_slots = [Some(1), None, Some(0), Some(3), Some(2), Some(1), None, Some(3)];
+        let lens = [1, 1, 3, 1, 1, 2, 1, 1];
+        let rows: usize = lens.iter().sum();
+        let groups = RowGroups::new(&lens, &seq_slots, &dev).unwrap();
+        let per_row = row_slots(&lens, &seq_slots, &dev).unwrap();
+        assert_eq!(per_row.to_vec1::<u32>().unwrap()[..4], [1, NO_SLOT, 0, 0]);
+        for module in LoraModule::ALL {
+            let key = ProjKey { layer: 1, module };
+            let (inp, out) = module.dims(&cfg);
+            let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev).unwrap();
+            let y = Tensor::randn(0f32, 1.0, (rows, out), &dev).unwrap();
+            let want = apply_lora(y.clone(), &x, key, &groups, &bank).unwrap();
+            let got = bgmv(y.clone(), &x, &bank.stacked(key).unwrap(), &per_row).unwrap();
+            let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-5, "{module:?}: max abs error {err}");
+            let moved = (want - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(moved > 1e-4, "{module:?}: the adapters changed the output");
+        }
+        // Clearing a slot takes it out of the kernels' metadata at once.
+        bank.clear(1).unwrap();
+        let key = ProjKey { layer: 0, module: LoraModule::Up };
+        let meta = bank.stacked(key).unwrap().meta.to_vec1::<u32>().unwrap();
+        assert_eq!(&meta[..4], &[4, 0, 0, 0], "ranks: slot 0 rank 4, slot 1 cleared, slot 3 skips up_proj");
+    }
 }

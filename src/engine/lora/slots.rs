@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::engine::lora::op::LoraWeights;
+use crate::engine::lora::op::{LoraWeights, Stacked};
 use crate::engine::lora::{LoraAdapter, LoraModule, ProjKey};
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::{EngineError, Result};
@@ -26,6 +26,12 @@ pub struct SlotBank {
     a: BTreeMap<ProjKey, Tensor>,
     bt: BTreeMap<ProjKey, Tensor>,
     meta: Vec<Option<SlotMeta>>,
+    /// `[keys, 2 * slots]` u32 on the device, row `key` = the ranks of every slot for that
+    /// projection then their scales as f32 bits (the batched kernels read it; rewritten in
+    /// place on every write or clear, so a captured graph keeps reading the live values).
+    device_meta: Tensor,
+    /// Row of each projection in `device_meta`.
+    key_rows: BTreeMap<ProjKey, usize>,
 }
 
 impl SlotBank {
@@ -41,7 +47,32 @@ impl SlotBank {
                 bt.insert(key, Tensor::zeros((slots, max_rank, out), dtype, device)?);
             }
         }
-        Ok(Self { max_rank, a, bt, meta: vec![None; slots] })
+        let key_rows: BTreeMap<ProjKey, usize> = a.keys().enumerate().map(|(i, k)| (*k, i)).collect();
+        let device_meta = Tensor::zeros((key_rows.len(), 2 * slots), DType::U32, device)?;
+        Ok(Self { max_rank, a, bt, meta: vec![None; slots], device_meta, key_rows })
+    }
+
+    /// The host values of `device_meta` for the slots as they are now.
+    fn meta_rows(&self) -> Vec<u32> {
+        let s = self.meta.len();
+        let mut v = vec![0u32; self.key_rows.len() * 2 * s];
+        for (key, &row) in &self.key_rows {
+            for (slot, m) in self.meta.iter().enumerate() {
+                let Some(m) = m else { continue };
+                if m.keys.contains(key) {
+                    v[row * 2 * s + slot] = m.rank as u32;
+                    v[row * 2 * s + s + slot] = (m.scale as f32).to_bits();
+                }
+            }
+        }
+        v
+    }
+
+    /// Copies the slots' ranks and scales into `device_meta`, in place.
+    fn publish(&self) -> Result<()> {
+        let host = Tensor::from_vec(self.meta_rows(), self.device_meta.dims2()?, self.device_meta.device())?;
+        self.device_meta.slice_set(&host, 0, 0)?;
+        Ok(())
     }
 
     /// Number of slots.
@@ -64,7 +95,9 @@ impl SlotBank {
         if r > self.max_rank || slot >= self.meta.len() {
             return Err(EngineError::Weights(format!("adapter rank {r} / slot {slot} does not fit the slot bank")));
         }
+        // Unpublished first: the kernels must never read a half-written slot.
         self.meta[slot] = None;
+        self.publish()?;
         for (key, (a, b)) in &adapter.weights {
             let (Some(dst_a), Some(dst_bt)) = (self.a.get(key), self.bt.get(key)) else {
                 return Err(EngineError::Weights(format!("{} has no slot storage", key.peft_prefix())));
@@ -74,14 +107,15 @@ impl SlotBank {
         }
         self.meta[slot] =
             Some(SlotMeta { rank: r, scale: adapter.scale(), keys: adapter.weights.keys().copied().collect() });
-        Ok(())
+        self.publish()
     }
 
     /// Marks `slot` empty (its storage is simply overwritten by the next write).
-    pub fn clear(&mut self, slot: usize) {
+    pub fn clear(&mut self, slot: usize) -> Result<()> {
         if let Some(m) = self.meta.get_mut(slot) {
             *m = None;
         }
+        self.publish()
     }
 }
 
@@ -105,5 +139,14 @@ impl LoraWeights for SlotBank {
         let a = self.a[&key].get(slot)?.narrow(0, 0, meta.rank)?;
         let bt = self.bt[&key].get(slot)?.narrow(0, 0, meta.rank)?;
         Ok(Some((a, bt, meta.scale)))
+    }
+
+    fn stacked(&self, key: ProjKey) -> Option<Stacked> {
+        let row = *self.key_rows.get(&key)?;
+        Some(Stacked {
+            a: self.a.get(&key)?.clone(),
+            bt: self.bt.get(&key)?.clone(),
+            meta: self.device_meta.get(row).ok()?,
+        })
     }
 }

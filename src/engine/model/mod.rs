@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::engine::attention::{causal_sdpa, paged_ops, PagedPlan};
 use crate::engine::kv::KvStore;
-use crate::engine::lora::op::{apply_lora, LoraWeights, RowGroups};
+use crate::engine::lora::op::{apply_lora, bgmv, row_slots, LoraWeights, RowGroups};
 use crate::engine::lora::{LoraModule, ProjKey};
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::model::layers::{at_least_f32, OpsMode, Proj, RmsNorm, Rope, RopeTable};
@@ -256,7 +256,13 @@ impl Llama {
         let slots: Vec<Option<usize>> = batch.seqs.iter().map(|s| s.slot).collect();
         let groups = RowGroups::new(&lens, &slots, &self.device)?;
         let lora = match lora {
-            Some(w) if !groups.is_empty() => Some(LoraCtx { weights: w, rows: groups, mode: self.mode }),
+            Some(w) if !groups.is_empty() => {
+                // The batched kernels serve steps of few rows (decode, short chunks); long
+                // prefills keep the grouped GEMMs, which read each adapter once.
+                let per_row = self.device.is_cuda() && self.mode == OpsMode::Fused && batch.tokens.len() <= BGMV_MAX_ROWS;
+                let row_slots = per_row.then(|| row_slots(&lens, &slots, &self.device)).transpose()?;
+                Some(LoraCtx { weights: w, rows: groups, row_slots, mode: self.mode })
+            }
             _ => None,
         };
         let lora = lora.as_ref();
@@ -293,10 +299,25 @@ impl Llama {
     /// CUDA graph and replayed with new values in the same buffers ([`crate::engine::graph`]).
     /// `ids`, `positions`: `[B]` u32. Returns `[B, vocab]` f32 logits. The caller commits the
     /// new positions to its KV store.
-    pub fn forward_static_decode(&self, ids: &Tensor, positions: &Tensor, plan: &PagedPlan) -> Result<Tensor> {
+    /// With `lora` = (the slot bank, `[B]` u32 slot of each row, [`crate::engine::lora::op::NO_SLOT`] for base rows) every
+    /// projection adds its rows' adapters through the batched kernels ([`bgmv`]), reading the
+    /// slots on the device too.
+    pub fn forward_static_decode(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        plan: &PagedPlan,
+        lora: Option<(&dyn LoraWeights, &Tensor)>,
+    ) -> Result<Tensor> {
         let x = self.embed_tokens.index_select(ids, 0)?;
         let (cos, sin) = self.rope.at_device(positions)?;
-        let x = self.layers_forward(x, (&cos, &sin), &mut Attend::Paged(plan), None)?;
+        let lora = lora.map(|(weights, slots)| LoraCtx {
+            weights,
+            rows: RowGroups::none(),
+            row_slots: Some(slots.clone()),
+            mode: self.mode,
+        });
+        let x = self.layers_forward(x, (&cos, &sin), &mut Attend::Paged(plan), lora.as_ref())?;
         self.logits(&x)
     }
 
@@ -383,8 +404,13 @@ enum Attend<'a> {
 struct LoraCtx<'a> {
     weights: &'a dyn LoraWeights,
     rows: RowGroups,
+    /// `[N]` u32 slot per row: projections whose weights are stacked take [`bgmv`].
+    row_slots: Option<Tensor>,
     mode: OpsMode,
 }
+
+/// Rows a forward may have and still take [`bgmv`] (see `forward_lora`).
+const BGMV_MAX_ROWS: usize = 1024;
 
 /// A base projection plus, where the batch uses adapters, their LoRA updates.
 fn proj(p: &Proj, x: &Tensor, layer: usize, module: LoraModule, lora: Option<&LoraCtx>) -> Result<Tensor> {
@@ -392,9 +418,11 @@ fn proj(p: &Proj, x: &Tensor, layer: usize, module: LoraModule, lora: Option<&Lo
         Some(ctx) if ctx.mode == OpsMode::Differentiable => p.forward_frozen(x)?,
         _ => p.forward(x)?,
     };
-    match lora {
-        Some(ctx) => apply_lora(y, x, ProjKey { layer, module }, &ctx.rows, ctx.weights),
-        None => Ok(y),
+    let Some(ctx) = lora else { return Ok(y) };
+    let key = ProjKey { layer, module };
+    match (&ctx.row_slots, ctx.weights.stacked(key)) {
+        (Some(slots), Some(w)) => bgmv(y, x, &w, slots),
+        _ => apply_lora(y, x, key, &ctx.rows, ctx.weights),
     }
 }
 

@@ -70,7 +70,9 @@ impl EngineState {
             return None;
         }
         let mut kv = self.e.kv.batch(tables.iter_mut().collect());
-        match graphs.decode(&self.e.model, batch, &mut kv, params) {
+        let bank = self.e.registry.bank();
+        let bank = (!bank.is_empty()).then_some(bank as &dyn crate::engine::lora::op::LoraWeights);
+        match graphs.decode(&self.e.model, batch, &mut kv, params, bank) {
             Ok(Some(ids)) => {
                 self.e.metrics.update(|m| m.decode_graph_replays += 1);
                 Some(ids)
@@ -125,7 +127,9 @@ pub(super) fn capture_graphs(e: &Engine, cfg: GraphConfig) -> Option<DecodeGraph
     }
     let t = Instant::now();
     let mut graphs = DecodeGraphs::new(cfg);
-    match graphs.build_all(&e.model, &e.kv.view([])) {
+    let bank = e.registry.bank();
+    let bank = (!bank.is_empty()).then_some(bank as &dyn crate::engine::lora::op::LoraWeights);
+    match graphs.build_all(&e.model, &e.kv.view([]), bank) {
         Ok(n) => {
             eprintln!(
                 "lab serve: captured {n} decode CUDA graphs (batch 1..{}) in {:.1} s",

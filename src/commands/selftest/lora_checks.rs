@@ -1,0 +1,96 @@
+//! The batched multi-LoRA kernels (`kernels/lora.cu`) against the CPU oracle
+//! (`engine::lora::op::bgmv_reference`), at the 8B's projection widths.
+//!
+//! Slots of mixed ranks (4, 8, 16, 64, and one adapter that does not touch the projection), an
+//! rsLoRA-like scale per slot, base rows interleaved at random; then batch invariance: every
+//! row's output, computed alone, must equal its output in the full batch bit for bit.
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{randn, rel_err, tolerance, Outcome};
+use crate::engine::lora::op::{bgmv, bgmv_reference, Stacked, NO_SLOT};
+
+/// Slots of the bank and their ranks for the projection (0: the adapter skips it).
+const RANKS: [u32; 8] = [8, 16, 64, 0, 16, 8, 64, 4];
+/// Max rank (`--max-lora-rank`).
+const R: usize = 64;
+
+/// One outcome per (shape, rows) and one batch-invariance outcome per shape.
+pub fn bgmv_kernels(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Outcome>> {
+    let rng = &mut StdRng::seed_from_u64(seed ^ 0x10ba);
+    let mut out = Vec::new();
+    let s = RANKS.len();
+    // (in, out): q/o, k/v, gate/up, down of the 8B; and a small odd one.
+    for (k, n) in [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (72, 40)] {
+        let a = randn(rng, &[s, R, k], 1.0 / (k as f32).sqrt())?;
+        let bt = randn(rng, &[s, R, n], 0.05)?;
+        let mut meta: Vec<u32> = RANKS.to_vec();
+        meta.extend(RANKS.iter().map(|&r| (2.0 / (r.max(1) as f32).sqrt()).to_bits()));
+        let host = stacked(&a, &bt, &meta, &Device::Cpu, dtype)?;
+        let dev = stacked(&a, &bt, &meta, device, dtype)?;
+        for m in [1usize, 7, 32, 100] {
+            let slots: Vec<u32> =
+                (0..m).map(|_| if rng.gen_bool(0.3) { NO_SLOT } else { rng.gen_range(0..s as u32) }).collect();
+            let x = randn(rng, &[m, k], 1.0)?.to_dtype(dtype)?;
+            let y = randn(rng, &[m, n], 1.0)?.to_dtype(dtype)?;
+            let slots_cpu = Tensor::new(slots.as_slice(), &Device::Cpu)?;
+            let want = bgmv_reference(&y.to_dtype(DType::F32)?, &x.to_dtype(DType::F32)?, &host, &slots_cpu)?;
+            let slots_dev = Tensor::new(slots.as_slice(), device)?;
+            let got = bgmv(y.to_device(device)?, &x.to_device(device)?, &dev, &slots_dev)?;
+            let base_rows = slots.iter().filter(|&&s| s == NO_SLOT || RANKS[s as usize] == 0).count();
+            out.push(Outcome::rel(
+                format!("lora bgmv {dtype:?} {m}x{k} -> {n}, ranks 4..64, {base_rows} base rows"),
+                rel_err(&got, &want)?,
+                tolerance(dtype),
+            ));
+            if m == 32 {
+                // The update alone (y = 0), so the base output's size cannot hide its error.
+                let zero = y.zeros_like()?;
+                let want = bgmv_reference(&zero.to_dtype(DType::F32)?, &x.to_dtype(DType::F32)?, &host, &slots_cpu)?;
+                let got = bgmv(zero.to_device(device)?, &x.to_device(device)?, &dev, &slots_dev)?;
+                out.push(Outcome::rel(
+                    format!("lora bgmv {dtype:?} {m}x{k} -> {n}: the update alone"),
+                    rel_err(&got, &want)?,
+                    tolerance(dtype),
+                ));
+                out.push(invariance(&x.to_device(device)?, &y.to_device(device)?, &dev, &slots, (k, n), dtype)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Each row alone through [`bgmv`] vs the same row in the whole batch: equal bit for bit.
+fn invariance(
+    x: &Tensor,
+    y: &Tensor,
+    w: &Stacked,
+    slots: &[u32],
+    (k, n): (usize, usize),
+    dtype: DType,
+) -> anyhow::Result<Outcome> {
+    let device = x.device();
+    let whole = bgmv(y.copy()?, x, w, &Tensor::new(slots, device)?)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let mut same = 0;
+    for (i, &s) in slots.iter().enumerate() {
+        let alone = bgmv(y.narrow(0, i, 1)?.copy()?, &x.narrow(0, i, 1)?, w, &Tensor::new(&[s], device)?)?;
+        let alone = alone.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        same += usize::from(rel_err(&alone, &whole.narrow(0, i, 1)?)? == 0.0);
+    }
+    Ok(Outcome::exact(
+        format!("lora bgmv {dtype:?} {k} -> {n}: a row alone = in a batch of {}", slots.len()),
+        same == slots.len(),
+        format!("{same}/{} rows equal", slots.len()),
+    ))
+}
+
+/// The factors on `device` in `dtype`, with their metadata.
+fn stacked(a: &Tensor, bt: &Tensor, meta: &[u32], device: &Device, dtype: DType) -> anyhow::Result<Stacked> {
+    Ok(Stacked {
+        a: a.to_dtype(dtype)?.to_device(device)?,
+        bt: bt.to_dtype(dtype)?.to_device(device)?,
+        meta: Tensor::new(meta, device)?,
+    })
+}
