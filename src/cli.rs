@@ -306,14 +306,14 @@ pub struct BenchArgs {
     /// batch 1 and `--prompt-len` context.
     #[arg(long)]
     pub stock_candle: bool,
-    /// Run decode projections (<= 8 rows) through lab's skinny GEMM kernel instead of cuBLAS
-    /// (off by default until `lab selftest --device cuda` has passed it on the H200).
+    /// Projections of at most this many rows (0..=8) run through lab's skinny GEMM kernel
+    /// instead of cuBLAS [default: 1, what measured faster on the H200].
+    #[arg(long, value_name = "ROWS")]
+    pub skinny_gemm_rows: Option<usize>,
+    /// Run decode attention through the split-keys kernel instead of the grouped-lanes one
+    /// (the default), to compare them.
     #[arg(long)]
-    pub skinny_gemm: bool,
-    /// Run decode attention through the grouped-lanes kernel (off by default until `lab
-    /// selftest --device cuda` has passed it on the H200).
-    #[arg(long)]
-    pub grouped_attention: bool,
+    pub no_grouped_attention: bool,
 }
 
 /// `lab selftest`.

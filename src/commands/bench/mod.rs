@@ -50,11 +50,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     let mut loaded = load_model(&source, &lab_home(), dtype, &device)?;
     let load_s = t.elapsed().as_secs_f64();
-    if args.skinny_gemm {
-        loaded.model = loaded.model.with_skinny_gemm(true);
+    if let Some(rows) = args.skinny_gemm_rows {
+        anyhow::ensure!(rows <= 8, "--skinny-gemm-rows {rows}: the kernel takes at most 8 rows");
+        loaded.model = loaded.model.with_skinny_rows(rows);
     }
-    if args.grouped_attention {
-        loaded.model = loaded.model.with_grouped_attention(true);
+    if args.no_grouped_attention {
+        loaded.model = loaded.model.with_grouped_attention(false);
     }
     report_loaded(&loaded);
     let ceilings = if args.floor { Some(floor::measure(&device, dtype)?) } else { None };

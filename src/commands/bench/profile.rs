@@ -97,7 +97,7 @@ fn gemm_alone(m: &LoadedModel, batch: usize, repeats: usize, model_path: bool) -
         for w in &weights {
             let x = &inputs.iter().find(|(d, _)| *d == w.dim(1).unwrap_or(0)).expect("an input per width").1;
             if model_path {
-                drop(Proj::from_weight((*w).clone()).with_skinny_gemm(m.model.skinny_gemm()).forward(x)?);
+                drop(Proj::from_weight((*w).clone()).with_skinny_rows(m.model.skinny_rows()).forward(x)?);
             } else {
                 drop(x.matmul(&w.t()?)?);
             }

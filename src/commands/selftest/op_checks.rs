@@ -183,7 +183,7 @@ pub fn projections(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<V
     for (k, n, rows) in [(4096, 4096, &[1usize, 2, 3, 5, 8, 9][..]), (14336, 1027, &[1, 8][..])] {
         let (w, wd) = pair(rng, &[n, k], device, dtype)?;
         let (x, xd) = pair(rng, &[9, k], device, dtype)?;
-        let proj = Proj::from_weight(wd).with_skinny_gemm(true);
+        let proj = Proj::from_weight(wd).with_skinny_rows(8);
         for &m in rows {
             let want = x.narrow(0, 0, m)?.matmul(&w.t()?)?;
             let got = proj.forward(&xd.narrow(0, 0, m)?)?;

@@ -171,24 +171,23 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
 #[derive(Debug, Clone)]
 pub struct Proj {
     weight: Tensor,
-    /// Few-row products on CUDA through `kernels/gemv.cu` instead of cuBLAS. Off by default:
-    /// the kernel has not yet passed `lab selftest --device cuda` on the H200 (no device was
-    /// lent after it was written); `lab bench --skinny-gemm` and the selftest turn it on.
-    skinny_gemm: bool,
+    /// Products of at most this many rows on CUDA go through `kernels/gemv.cu` instead of
+    /// cuBLAS (0: never). See [`crate::engine::model::DEFAULT_SKINNY_ROWS`].
+    skinny_rows: usize,
 }
 
 impl Proj {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, skinny_gemm: false })
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, skinny_rows: 0 })
     }
 
     pub fn from_weight(weight: Tensor) -> Self {
-        Self { weight, skinny_gemm: false }
+        Self { weight, skinny_rows: 0 }
     }
 
-    /// Turns the skinny GEMM kernel on or off (see the field).
-    pub fn with_skinny_gemm(mut self, on: bool) -> Self {
-        self.skinny_gemm = on;
+    /// Products of at most `rows` rows (at most 8) through the skinny GEMM kernel (see the field).
+    pub fn with_skinny_rows(mut self, rows: usize) -> Self {
+        self.skinny_rows = rows;
         self
     }
 
@@ -201,7 +200,7 @@ impl Proj {
     /// With the skinny GEMM on, CUDA products go through [`FrozenMatmul`], whose few-row case
     /// (a decode step) is `kernels/gemv.cu` rather than cuBLAS; the gradient still reaches `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.skinny_gemm && x.device().is_cuda() && x.rank() == 2 {
+        if self.skinny_rows > 0 && x.device().is_cuda() && x.rank() == 2 {
             return self.forward_frozen(x);
         }
         Ok(candle_nn::Linear::new(self.weight.clone(), None).forward(x)?)
@@ -209,7 +208,7 @@ impl Proj {
 
     /// [`Proj::forward`] whose backward skips the (frozen) weight's gradient.
     pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.contiguous()?.apply_op2(&self.weight, FrozenMatmul { skinny_gemm: self.skinny_gemm })?)
+        Ok(x.contiguous()?.apply_op2(&self.weight, FrozenMatmul { skinny_rows: self.skinny_rows })?)
     }
 }
 
@@ -219,9 +218,10 @@ impl Proj {
 /// plain `matmul` would also build a full `[out, in]` gradient for every frozen base weight
 /// (one extra GEMM per projection per step) and throw it away.
 struct FrozenMatmul {
-    /// Few-row CUDA products through `kernels/gemv.cu` (read by the CUDA forward only).
+    /// CUDA products of at most this many rows through `kernels/gemv.cu` (read by the CUDA
+    /// forward only).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    skinny_gemm: bool,
+    skinny_rows: usize,
 }
 
 impl candle_core::CustomOp2 for FrozenMatmul {
@@ -251,7 +251,7 @@ impl candle_core::CustomOp2 for FrozenMatmul {
         wl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
-        if self.skinny_gemm {
+        if xl.shape().dims2()?.0 <= self.skinny_rows {
             if let Some(out) = crate::engine::cuda::gemv::try_gemv(x, xl, w, wl)? {
                 return Ok(out);
             }

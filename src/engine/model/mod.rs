@@ -111,8 +111,9 @@ pub struct Llama {
     /// Attention reads and writes a paged pool in place (see [`PagedPlan`]) when the KV store
     /// has one; on by default where that path has kernels (CUDA).
     paged_kernels: bool,
-    /// Few-row projections through `kernels/gemv.cu` (see [`Llama::with_skinny_gemm`]).
-    skinny_gemm: bool,
+    /// Projections of at most this many rows through `kernels/gemv.cu` (see
+    /// [`Llama::with_skinny_rows`]).
+    skinny_rows: usize,
     /// Decode attention through the grouped-lanes kernel (see [`Llama::with_grouped_attention`]).
     grouped_attention: bool,
     dtype: DType,
@@ -163,11 +164,12 @@ impl Llama {
                 && paged_ops::kernel_dtype(vb.dtype())
                 && cfg.head_dim <= 256
                 && cfg.num_attention_heads / cfg.num_key_value_heads <= 8,
-            skinny_gemm: false,
-            grouped_attention: false,
+            skinny_rows: 0,
+            grouped_attention: true,
             dtype: vb.dtype(),
             device: vb.device().clone(),
-        })
+        }
+        .with_skinny_rows(DEFAULT_SKINNY_ROWS))
     }
 
     /// Switches between fused kernels (inference) and differentiable ops (training).
@@ -176,9 +178,9 @@ impl Llama {
         self
     }
 
-    /// Runs few-row projections through the skinny GEMM kernel on CUDA (see
-    /// [`Proj::with_skinny_gemm`]).
-    pub fn with_skinny_gemm(mut self, on: bool) -> Self {
+    /// Runs projections of at most `rows` rows (at most 8; 0: none) through the skinny GEMM
+    /// kernel on CUDA (see [`Proj::with_skinny_rows`]).
+    pub fn with_skinny_rows(mut self, rows: usize) -> Self {
         for b in &mut self.layers {
             let (a, m) = (&mut b.self_attn, &mut b.mlp);
             for p in [
@@ -190,17 +192,18 @@ impl Llama {
                 &mut m.up_proj,
                 &mut m.down_proj,
             ] {
-                *p = p.clone().with_skinny_gemm(on);
+                *p = p.clone().with_skinny_rows(rows);
             }
         }
-        self.lm_head = self.lm_head.clone().with_skinny_gemm(on);
-        self.skinny_gemm = on;
+        self.lm_head = self.lm_head.clone().with_skinny_rows(rows);
+        self.skinny_rows = rows;
         self
     }
 
     /// Runs paged decode attention through `kernels/paged_attention_grouped.cu` (several key
-    /// rows per warp in flight) where its shapes allow. Off by default: written after this
-    /// session's last device call, it has not passed `lab selftest --device cuda` yet.
+    /// rows per warp in flight) where its shapes allow, else `paged_attention.cu`. On by
+    /// default: on the H200 (bench/results/h200-2026-12-01-s5) it took the batch-32 graph step
+    /// from 8.74 to 7.26 ms and batch 256 from 26.99 to 21.26 ms, and passed the selftest.
     pub fn with_grouped_attention(mut self, on: bool) -> Self {
         self.grouped_attention = on;
         self
@@ -211,9 +214,9 @@ impl Llama {
         self.grouped_attention
     }
 
-    /// Whether few-row projections use the skinny GEMM kernel.
-    pub fn skinny_gemm(&self) -> bool {
-        self.skinny_gemm
+    /// Rows up to which projections use the skinny GEMM kernel (0: never).
+    pub fn skinny_rows(&self) -> usize {
+        self.skinny_rows
     }
 
     /// Forces the in-place paged attention path on or off (tests run it on the CPU, where its
@@ -408,6 +411,11 @@ struct LoraCtx<'a> {
     row_slots: Option<Tensor>,
     mode: OpsMode,
 }
+
+/// Rows up to which CUDA projections take `kernels/gemv.cu` rather than cuBLAS by default.
+/// Measured on the H200 (bench/results/h200-2026-12-01-s5, GEMMs of a decode step alone): 1
+/// row 4.76 ms vs cuBLAS 4.93; 4 rows 5.55 vs 4.95; 8 rows 6.76 vs 4.95. So one row only.
+pub const DEFAULT_SKINNY_ROWS: usize = 1;
 
 /// Rows a forward may have and still take [`bgmv`] (see `forward_lora`).
 const BGMV_MAX_ROWS: usize = 1024;
