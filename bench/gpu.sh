@@ -10,7 +10,10 @@
 # + the eager peer (transformers + PEFT); compiled = lab bench at batch 1/8/32 beside the
 # compiled peer (torch.compile, static cache: the strongest transformers figure), in one call;
 # decode = selftest + decode at context 512, eager and CUDA graphs, batch 1..256, beside the
-# stock candle-transformers step and the floor, + serve smoke (graph replays counted).
+# stock candle-transformers step and the floor, + serve smoke (graph replays counted);
+# lora = selftest + decode with 0/1/8/32 distinct adapters (eager and graph) + adapter hot load
+# + the decode defaults + serve smoke + the eager peer (PEFT mixed adapters).
+# Everything in $OUT also comes back as $OUT/all.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
@@ -25,6 +28,8 @@ mkdir -p /tmp/lab-gpu
 export LAB_HOME=/tmp/lab-gpu/home
 MODEL=synthetic:llama-3.1-8b
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/log.txt"; }
+# The device tool brings back a handful of files: everything goes back as one archive too.
+finish() { tar czf /tmp/lab-gpu/all.tgz -C "$OUT" . && mv /tmp/lab-gpu/all.tgz "$OUT/all.tgz"; }
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; echo "lab commit: $(cat scratch/gpu/COMMIT 2>/dev/null)"; } > "$OUT/machine.txt"
 
@@ -37,19 +42,19 @@ run_bench() { # $1 = name, rest = extra flags
   cat "$OUT/bench-$name.md"
 }
 
-if [[ $MODE == quick || $MODE == full || $MODE == decode ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == decode || $MODE == lora ]]; then
   log "lab selftest --device cuda"
   $LAB selftest --device cuda 2>&1 | tee "$OUT/selftest.txt"
   rc=${PIPESTATUS[0]}
   echo "rc=$rc" >> "$OUT/selftest.txt"
-  # Timing code that is not correct measures nothing. The opt-in kernels (skinny GEMM behind
-  # the "projection" checks, grouped attention) failing only skips their benches.
-  OPT_IN_OK=1
+  # Timing code that is not correct measures nothing. Failures of the LoRA kernels alone
+  # (their checks and the adapter graph) skip the adapter benches; any other failure stops.
+  LORA_OK=1
   if [[ $rc != 0 ]]; then
-    if grep '^FAIL' "$OUT/selftest.txt" | grep -vqE 'grouped|projection'; then
-      log "selftest failed on the default path: no benchmarks"; exit 1
+    if grep '^FAIL' "$OUT/selftest.txt" | grep -vqE 'lora|adapters'; then
+      log "selftest failed on the base path: no benchmarks"; finish; exit 1
     fi
-    OPT_IN_OK=0; log "selftest failed on opt-in kernels only: their benches skipped"
+    LORA_OK=0; log "selftest failed on the LoRA kernels only: adapter benches skipped"
   fi
 fi
 
@@ -60,13 +65,20 @@ if [[ $MODE == quick ]]; then
   $LAB generate --device cuda --model $MODEL --prompt "Hello from the H200" --max-tokens 16 --temperature 0.8 --top-k 40 --seed 3 --json 2>&1 | tail -5 | tee -a "$OUT/generate.txt"
 fi
 
+if [[ $MODE == lora ]]; then
+  # Multi-LoRA (issue 4/8): distinct rank-16 adapters on all 7 projections, rows round-robin,
+  # eager and graph, beside the same step without adapters and the floor with adapter bytes.
+  [[ $LORA_OK == 1 ]] && run_bench lora --batch 1,32 --adapters 0,1,8,32 --prompt-len 512 --decode-steps 32 --repeats 5
+  [[ $LORA_OK == 1 ]] && run_bench lora-128 --batch 128 --adapters 0,8,32 --prompt-len 512 --decode-steps 16 --repeats 3
+  # The decode defaults (grouped attention, 1-row skinny GEMM) beside stock candle.
+  run_bench decode --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
+fi
+
 if [[ $MODE == decode ]]; then
   run_bench decode --batch 1,8,32,64,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle
   run_bench decode-profile --batch 1,32 --adapters 0 --prompt-len 512 --decode-steps 8 --repeats 3 --profile --prefill-len 4096
-  [[ ${OPT_IN_OK:-1} == 1 ]] && run_bench decode-skinny --batch 1,4,8 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --skinny-gemm --profile
-  [[ ${OPT_IN_OK:-1} == 1 ]] && run_bench decode-grouped --batch 32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --grouped-attention --profile
-  # Both new kernels together, eager and graph, beside the floor and stock candle.
-  [[ ${OPT_IN_OK:-1} == 1 ]] && run_bench decode-new --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --skinny-gemm --grouped-attention --stock-candle
+  run_bench decode-cublas --batch 1,8 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --skinny-gemm-rows 0 --profile
+  run_bench decode-split-attention --batch 32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --no-grouped-attention --profile
   # A 32k-token prompt in one forward (query-chunked causal attention); peak memory at the end.
   run_bench prefill-32k --batch 1 --adapters 0 --prompt-len 16 --decode-steps 1 --repeats 1 --prefill-len 32768
 fi
@@ -76,7 +88,7 @@ if [[ $MODE == full ]]; then
     --prefill-len 256,1024,4096 --profile
 fi
 
-if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode || $MODE == lora ]]; then
   log "lab serve --device cuda (smoke)"
   $LAB serve --device cuda --model $MODEL --kv-cache-memory 8GiB --port 18080 > "$OUT/serve.txt" 2>&1 &
   SERVE=$!
@@ -105,7 +117,7 @@ if [[ $MODE == quick ]]; then
     2>&1 | tail -2 | tee -a "$OUT/train.txt"
 fi
 
-if [[ $MODE == full ]]; then
+if [[ $MODE == full || $MODE == lora ]]; then
   log "peer: transformers + PEFT eager (../shared/bench/peer_hf.py)"
   timeout 300 python3 scratch/gpu/peer_hf.py 2>&1 | grep '^{' | tee "$OUT/peer_hf.jsonl"
 fi
@@ -118,3 +130,4 @@ if [[ $MODE == compiled || $MODE == decode ]]; then
   timeout 420 python3 scratch/gpu/peer_hf_compiled.py 2>&1 | grep '^{' | tee "$OUT/peer_hf_compiled.jsonl"
 fi
 log "done"
+finish

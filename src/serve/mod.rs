@@ -108,8 +108,9 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
     let metrics = Arc::new(metrics::Metrics::new(&s.served_model_name, s.kv_blocks, s.max_loras));
     let tokenizer = Arc::new(loaded.tokenizer);
     let bank = SlotBank::new(&cfg, s.max_loras, s.max_lora_rank, dtype, &device)?;
-    let (lcfg, rank, ldev) = (cfg.clone(), s.max_lora_rank, device.clone());
-    let loader = Box::new(move |p: &std::path::Path| LoraAdapter::load(p, &lcfg, rank, dtype, &ldev));
+    let (lcfg, rank) = (cfg.clone(), s.max_lora_rank);
+    // The host tier holds adapters in host memory (run dtype); a copy-in uploads into a slot.
+    let loader = Box::new(move |p: &std::path::Path| LoraAdapter::load(p, &lcfg, rank, dtype, &Device::Cpu));
     let mut registry = AdapterRegistry::new(
         RegistryConfig {
             max_loras: s.max_loras,

@@ -128,3 +128,65 @@ fn launch(y: &mut CudaStorage, yl: &Layout, args: &BgmvArgs) -> candle_core::Res
     }
     Ok(())
 }
+
+/// Host values in one of the run dtypes, for [`upload_at`].
+pub enum HostValues {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl HostValues {
+    /// The values of the host tensor `t` (row-major) as they are.
+    pub fn of(t: &Tensor) -> candle_core::Result<Self> {
+        let t = t.flatten_all()?;
+        Ok(match t.dtype() {
+            DType::F32 => Self::F32(t.to_vec1()?),
+            DType::BF16 => Self::BF16(t.to_vec1()?),
+            DType::F16 => Self::F16(t.to_vec1()?),
+            d => candle_core::bail!("no slot upload for {d:?}"),
+        })
+    }
+}
+
+struct UploadAt<'a> {
+    offset: usize,
+    values: &'a HostValues,
+}
+
+impl candle_core::InplaceOp1 for UploadAt<'_> {
+    fn name(&self) -> &'static str {
+        "upload-at"
+    }
+
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("upload-at: a CUDA tensor only")
+    }
+
+    fn cuda_fwd(&self, dst: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        let stream = dst.device().cuda_stream();
+        let (o, n) = contiguous(l)?;
+        macro_rules! copy {
+            ($t:ty, $v:expr) => {{
+                if self.offset + $v.len() > n {
+                    candle_core::bail!("upload-at: {} values at {} into {n}", $v.len(), self.offset);
+                }
+                let at = o + self.offset;
+                let mut view = dst.as_cuda_slice_mut::<$t>()?.slice_mut(at..at + $v.len());
+                stream.memcpy_htod($v.as_slice(), &mut view).w()
+            }};
+        }
+        match (&self.values, dst.dtype()) {
+            (HostValues::F32(v), DType::F32) => copy!(f32, v),
+            (HostValues::BF16(v), DType::BF16) => copy!(bf16, v),
+            (HostValues::F16(v), DType::F16) => copy!(f16, v),
+            (_, d) => candle_core::bail!("upload-at: host values of another dtype than the {d:?} tensor"),
+        }
+    }
+}
+
+/// `dst.flat[offset..offset + values.len()] = values`: one host-to-device copy straight into
+/// a contiguous CUDA tensor (an adapter into its slot: no staging tensor, no kernel).
+pub fn upload_at(dst: &Tensor, offset: usize, values: &HostValues) -> candle_core::Result<()> {
+    dst.inplace_op1(&UploadAt { offset, values })
+}

@@ -327,33 +327,22 @@ impl LoraAdapter {
             return Err(LoraError::RankTooLarge { rank: config.r, max: max_rank });
         }
         let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)?;
-        let weights = parse_tensors(tensors, &config, cfg).map_err(|e| match (e, &config.base_model_name_or_path) {
-            (LoraError::ShapeMismatch(m), Some(base)) => {
-                LoraError::ShapeMismatch(format!("{m} (adapter made for {base})"))
-            }
-            (e, _) => e,
-        })?;
         // Finite in the file is not enough: f16 overflows past 65504 (bf16 just below f32's
-        // maximum). The file's values are already known finite, so one max-abs pass over the
-        // source against the run dtype's largest finite value decides it, and only for the
-        // narrow dtypes (a second finiteness pass in f64 doubled the adapter load time).
+        // maximum), so a value must also fit the run dtype when converting narrows it.
         let dtype_max = match dtype {
             DType::F16 => Some(f64::from(half::f16::MAX)),
             DType::BF16 => Some(f64::from(half::bf16::MAX)),
             _ => None,
         };
-        let in_run_dtype = |k: &ProjKey, t: &Tensor, factor: &str| -> Result<Tensor, LoraError> {
-            if let Some(limit) = dtype_max {
-                let max = t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if max > limit {
-                    return Err(LoraError::NonFinite(format!("{}.{factor} in {dtype:?}", k.peft_prefix())));
-                }
+        let weights = parse_tensors(tensors, &config, cfg, (dtype, dtype_max)).map_err(|e| match (e, &config.base_model_name_or_path) {
+            (LoraError::ShapeMismatch(m), Some(base)) => {
+                LoraError::ShapeMismatch(format!("{m} (adapter made for {base})"))
             }
-            Ok(t.to_dtype(dtype)?.to_device(device)?)
-        };
+            (e, _) => e,
+        })?;
         let weights = weights
             .into_iter()
-            .map(|(k, (a, b))| Ok((k, (in_run_dtype(&k, &a, "lora_A")?, in_run_dtype(&k, &b, "lora_B")?))))
+            .map(|(k, (a, b))| Ok((k, (a.to_dtype(dtype)?.to_device(device)?, b.to_dtype(dtype)?.to_device(device)?))))
             .collect::<Result<_, LoraError>>()?;
         Ok(Self { config, weights })
     }
@@ -381,13 +370,19 @@ impl LoraAdapter {
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, each atomically
     /// (temp file + rename), in f32.
     pub fn save(&self, dir: &Path) -> Result<(), LoraError> {
+        self.save_as(dir, DType::F32)
+    }
+
+    /// [`LoraAdapter::save`] with the factors stored in `dtype` (PEFT keeps an adapter in its
+    /// weights' dtype: f32 after f32 training, bf16 for one made in bf16).
+    pub fn save_as(&self, dir: &Path, dtype: DType) -> Result<(), LoraError> {
         let io = |path: &Path, e| LoraError::Io { path: path.to_path_buf(), source: e };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (key, (a, b)) in &self.weights {
             let p = key.peft_prefix();
-            map.insert(format!("{p}.lora_A.weight"), a.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
-            map.insert(format!("{p}.lora_B.weight"), b.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+            map.insert(format!("{p}.lora_A.weight"), a.to_dtype(dtype)?.to_device(&Device::Cpu)?);
+            map.insert(format!("{p}.lora_B.weight"), b.to_dtype(dtype)?.to_device(&Device::Cpu)?);
         }
         let tmp = dir.join(".adapter_model.safetensors.tmp");
         candle_core::safetensors::save(&map, &tmp)?;
@@ -406,10 +401,15 @@ fn parse_tensors(
     tensors: HashMap<String, Tensor>,
     config: &AdapterConfig,
     cfg: &LlamaConfig,
+    (dtype, dtype_max): (DType, Option<f64>),
 ) -> Result<BTreeMap<ProjKey, (Tensor, Tensor)>, LoraError> {
+    use rayon::prelude::*;
     let mut a_map = BTreeMap::new();
     let mut b_map = BTreeMap::new();
-    for (name, t) in tensors {
+    // The value scans, one per tensor, in parallel: the rest is bookkeeping.
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    let scans: Vec<Result<Option<f64>, LoraError>> = tensors.par_iter().map(|(_, t)| max_abs_finite(t)).collect();
+    for ((name, t), scan) in tensors.into_iter().zip(scans) {
         if name.contains("lora_embedding") || name.contains("embed_tokens") || name.contains("lm_head") {
             return Err(LoraError::Unsupported(format!("LoRA on embeddings/lm_head ({name})")));
         }
@@ -426,8 +426,12 @@ fn parse_tensors(
                 key.layer, cfg.num_hidden_layers
             )));
         }
-        if !all_finite(&t)? {
-            return Err(LoraError::NonFinite(name));
+        let Some(max) = scan? else { return Err(LoraError::NonFinite(name)) };
+        if let Some(limit) = dtype_max.filter(|_| t.dtype() != dtype) {
+            if max > limit {
+                let factor = if name.contains("lora_A") { "lora_A" } else { "lora_B" };
+                return Err(LoraError::NonFinite(format!("{}.{factor} in {dtype:?}", key.peft_prefix())));
+            }
         }
         let (inp, out) = key.module.dims(cfg);
         let want = if is_a { vec![config.r, inp] } else { vec![out, config.r] };
@@ -474,8 +478,21 @@ fn parse_key(name: &str) -> Option<(ProjKey, bool)> {
     Some((ProjKey { layer: layer.parse().ok()?, module: LoraModule::from_name(module)? }, is_a))
 }
 
-/// True when no element is NaN or Inf: a sum in f64 (which cannot overflow for finite inputs)
-/// is NaN/Inf iff some element is; `max` would skip NaN.
-fn all_finite(t: &Tensor) -> Result<bool, LoraError> {
-    Ok(t.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?.is_finite())
+/// The largest |value| of `t`, or `None` when some element is NaN or Inf: one pass over the
+/// file's own values (a host tensor), no converted copy (converting 42 M values to f64 first
+/// took most of an 8B adapter's load).
+fn max_abs_finite(t: &Tensor) -> Result<Option<f64>, LoraError> {
+    fn scan<T: Copy>(v: &[T], f: impl Fn(T) -> f64) -> Option<f64> {
+        v.iter().try_fold(0f64, |m, &x| {
+            let x = f(x);
+            x.is_finite().then(|| m.max(x.abs()))
+        })
+    }
+    let flat = t.flatten_all()?;
+    Ok(match flat.dtype() {
+        DType::F32 => scan(&flat.to_vec1::<f32>()?, f64::from),
+        DType::BF16 => scan(&flat.to_vec1::<half::bf16>()?, f64::from),
+        DType::F16 => scan(&flat.to_vec1::<half::f16>()?, f64::from),
+        _ => scan(&flat.to_dtype(DType::F64)?.to_vec1::<f64>()?, |x| x),
+    })
 }

@@ -98,16 +98,64 @@ impl SlotBank {
         // Unpublished first: the kernels must never read a half-written slot.
         self.meta[slot] = None;
         self.publish()?;
-        for (key, (a, b)) in &adapter.weights {
-            let (Some(dst_a), Some(dst_bt)) = (self.a.get(key), self.bt.get(key)) else {
-                return Err(EngineError::Weights(format!("{} has no slot storage", key.peft_prefix())));
-            };
-            dst_a.slice_set(&pad_rows(a, self.max_rank, dst_a.dtype())?.unsqueeze(0)?, 0, slot)?;
-            dst_bt.slice_set(&pad_rows(&b.t()?, self.max_rank, dst_bt.dtype())?.unsqueeze(0)?, 0, slot)?;
+        if let Some(key) = adapter.weights.keys().find(|k| !self.a.contains_key(k)) {
+            return Err(EngineError::Weights(format!("{} has no slot storage", key.peft_prefix())));
         }
+        #[cfg(feature = "cuda")]
+        if self.device_meta.device().is_cuda() && adapter.weights.values().all(|(a, _)| a.device().is_cpu()) {
+            self.upload_from_host(slot, adapter)?;
+        } else {
+            self.copy_on_device(slot, adapter)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        self.copy_on_device(slot, adapter)?;
         self.meta[slot] =
             Some(SlotMeta { rank: r, scale: adapter.scale(), keys: adapter.weights.keys().copied().collect() });
         self.publish()
+    }
+
+    /// Copies every factor into `slot` with tensor ops (adapter and bank on one device).
+    fn copy_on_device(&self, slot: usize, adapter: &LoraAdapter) -> Result<()> {
+        for (key, (a, b)) in &adapter.weights {
+            let (dst_a, dst_bt) = (&self.a[key], &self.bt[key]);
+            dst_a.slice_set(&pad_rows(a, self.max_rank, dst_a.dtype())?.unsqueeze(0)?, 0, slot)?;
+            dst_bt.slice_set(&pad_rows(&b.t()?, self.max_rank, dst_bt.dtype())?.unsqueeze(0)?, 0, slot)?;
+        }
+        Ok(())
+    }
+
+    /// An adapter held on the host (the `--max-cpu-loras` tier) into a CUDA slot: the factors
+    /// are laid out as the slot wants them on the host (run dtype, B transposed; rows past the
+    /// adapter's rank are never read, so they are not written), in parallel, then each goes
+    /// in with one host-to-device copy straight into the slot's rows.
+    #[cfg(feature = "cuda")]
+    fn upload_from_host(&self, slot: usize, adapter: &LoraAdapter) -> Result<()> {
+        use crate::engine::cuda::lora::{upload_at, HostValues};
+        use rayon::prelude::*;
+        let dtype = self.device_meta_dtype();
+        let staged: Vec<(ProjKey, HostValues, HostValues)> = adapter
+            .weights
+            .par_iter()
+            .map(|(key, (a, b))| {
+                let a = HostValues::of(&a.to_dtype(dtype)?.contiguous()?)?;
+                let bt = HostValues::of(&b.to_dtype(dtype)?.t()?.contiguous()?)?;
+                Ok((*key, a, bt))
+            })
+            .collect::<Result<_>>()?;
+        for (key, a, bt) in &staged {
+            let (dst_a, dst_bt) = (&self.a[key], &self.bt[key]);
+            let (_, r, inp) = dst_a.dims3()?;
+            let out = dst_bt.dim(2)?;
+            upload_at(dst_a, slot * r * inp, a)?;
+            upload_at(dst_bt, slot * r * out, bt)?;
+        }
+        Ok(())
+    }
+
+    /// The dtype of the slots' factors.
+    #[cfg(feature = "cuda")]
+    fn device_meta_dtype(&self) -> DType {
+        self.a.values().next().map_or(DType::F32, |t| t.dtype())
     }
 
     /// Marks `slot` empty (its storage is simply overwritten by the next write).
