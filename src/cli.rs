@@ -114,10 +114,16 @@ pub struct ServeArgs {
     /// Waiting requests at most; beyond, 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
-    /// Waiting requests per model (the base or one adapter) at most; beyond, 429 with
-    /// Retry-After, so one tenant's burst cannot take every place (default: --max-waiting).
-    #[arg(long, value_parser = at_least_one())]
+    /// Waiting requests per tenant (the model, the base or one adapter, unless the request
+    /// sends `x-tenant-id` or `user`) at most; beyond, 429 with Retry-After, so one tenant's
+    /// burst cannot take every place (default: --max-waiting).
+    #[arg(long, visible_alias = "max-waiting-per-tenant", value_parser = at_least_one())]
     pub max_waiting_per_model: Option<usize>,
+    /// Token bucket per tenant: TOKENS_PER_S[:BURST] (burst default: one second's worth). A
+    /// request costs its prompt + max_tokens when it is queued (the unused max_tokens come back
+    /// when it ends); one its tenant's bucket cannot pay for gets 429 + Retry-After.
+    #[arg(long, value_name = "TOKENS_PER_S[:BURST]")]
+    pub tenant_rate_limit: Option<crate::serve::ratelimit::RateLimit>,
     /// Times a request may be passed over (a later arrival admitted first, e.g. for a resident
     /// adapter) before it goes first and no new request may pin a slot until it has one.
     #[arg(long, default_value_t = 32)]
@@ -141,11 +147,11 @@ pub struct ServeArgs {
     /// Turn the prefix cache off: every prompt is prefilled in full.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
-    /// Admission order: fcfs (vLLM's default) or fair (least-served tenant first, tenant =
-    /// adapter; the Virtual Token Counter).
+    /// Admission order: fcfs (vLLM's default) or fair (least-served tenant first; tenant =
+    /// `x-tenant-id` header, else `user`, else the model; the Virtual Token Counter).
     #[arg(long, default_value = "fcfs")]
     pub scheduling_policy: crate::engine::scheduler::fair::Policy,
-    /// Running sequences of one tenant (adapter) at most.
+    /// Running sequences of one tenant (`x-tenant-id`, else `user`, else the model) at most.
     #[arg(long, value_parser = at_least_one())]
     pub max_running_per_tenant: Option<usize>,
     /// Seconds a client has to send a request's line and headers (from its first byte), and

@@ -62,6 +62,9 @@ pub struct ChatCompletionRequest {
     /// Newer name of `max_tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_completion_tokens: Option<usize>,
+    /// OpenAI's end-user id: `lab serve` takes it as the tenant ([`crate::serve::tenant`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -134,6 +137,9 @@ pub struct CompletionRequest {
     /// Echo the prompt before the completion (not supported: refused with 400 when true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub echo: Option<bool>,
+    /// OpenAI's end-user id: `lab serve` takes it as the tenant ([`crate::serve::tenant`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

@@ -99,6 +99,7 @@ fn zero_sized_serve_flags_are_refused() {
         "--idle-timeout",
         "--max-connections",
         "--max-waiting-per-model",
+        "--tenant-rate-limit",
     ] {
         let (code, _, err) = lab(&["serve", "--model", "synthetic:tiny", flag, "0"]);
         assert_eq!(code, 2, "{flag}: {err}");

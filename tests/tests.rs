@@ -14,5 +14,6 @@ mod serve;
 mod serve_faults;
 mod serve_limits;
 mod serve_poison;
+mod serve_tenant;
 mod tokenizer;
 mod train;

@@ -74,6 +74,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         block_size: args.block_size,
         max_waiting: args.max_waiting,
         max_waiting_per_model: args.max_waiting_per_model.unwrap_or(args.max_waiting),
+        tenant_rate_limit: args.tenant_rate_limit,
         api_key: args.api_key.clone(),
         max_body_bytes: args.max_body_bytes,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),

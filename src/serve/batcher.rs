@@ -14,7 +14,8 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::queue::{WaitLimits, WaitQueue};
+use super::queue::{Admission, WaitLimits, WaitQueue};
+use super::ratelimit::RateLimit;
 use super::resources::EngineResources;
 use super::validation::ValidRequest;
 use crate::engine::graph::{DecodeGraphs, GraphConfig};
@@ -69,20 +70,23 @@ pub enum Command {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     /// Requests submitted and not yet admitted into the running batch (or ended): counted at
-    /// the point of submission, so `--max-waiting` holds exactly under a burst.
-    queue: Arc<WaitQueue>,
+    /// the point of submission, so `--max-waiting` and the rate limit hold exactly under a burst.
+    queue: Arc<Admission>,
 }
 
 impl EngineHandle {
-    /// Queues a request unless its model's or the server's waiting places are taken (then
-    /// 429 or 503, with Retry-After); its events arrive on the returned channel.
+    /// Queues a request unless its tenant's rate limit, its tenant's waiting places or the
+    /// server's are spent (then 429 or 503, with Retry-After); its events arrive on the
+    /// returned channel.
     pub fn submit(&self, req: ValidRequest) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
-        self.queue.enter(&req.model)?;
-        let model = req.model.clone();
+        self.queue.enter(&req)?;
         let (tx, rx) = tmpsc::unbounded_channel();
-        if let Err(e) = self.send(Command::Submit(Box::new(req), tx)) {
-            self.queue.leave(&model);
-            return Err(e);
+        if let Err(mpsc::SendError(cmd)) = self.tx.send(Command::Submit(Box::new(req), tx)) {
+            if let Command::Submit(req, _) = cmd {
+                self.queue.leave(&req.tenant);
+                self.queue.refund(&req, 0, true);
+            }
+            return Err(stopped());
         }
         Ok(rx)
     }
@@ -146,14 +150,19 @@ pub struct Engine {
     pub graphs: Option<GraphConfig>,
 }
 
-/// Starts the engine thread; `limits` are `--max-waiting` and `--max-waiting-per-model`.
-/// Returns once it is ready to step (on CUDA: its decode graphs are captured, so no request
-/// waits for a capture).
-pub fn spawn(engine: Engine, limits: WaitLimits) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+/// Starts the engine thread; `limits` are `--max-waiting` and `--max-waiting-per-model`,
+/// `rate` is `--tenant-rate-limit`. Returns once it is ready to step (on CUDA: its decode
+/// graphs are captured, so no request waits for a capture).
+pub fn spawn(
+    engine: Engine,
+    limits: WaitLimits,
+    rate: Option<RateLimit>,
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     // Its total is shared with /metrics, which reads it at scrape time for
     // vllm:num_requests_waiting.
-    let queue = Arc::new(WaitQueue::new(engine.metrics.queued.clone(), limits));
+    let places = WaitQueue::new(engine.metrics.queued.clone(), limits);
+    let queue = Arc::new(Admission::new(places, rate, engine.metrics.clone()));
     let engine_queue = queue.clone();
     let metrics = engine.metrics.clone();
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -194,7 +203,7 @@ fn on_engine_death(metrics: &Metrics) {
 
 struct EngineState {
     e: Engine,
-    queue: Arc<WaitQueue>,
+    queue: Arc<Admission>,
     tables: BTreeMap<SeqId, BlockTable>,
     live: BTreeMap<SeqId, Live>,
     next_id: SeqId,
@@ -251,7 +260,7 @@ impl EngineState {
             Command::Submit(req, tx) => {
                 let id = self.next_id;
                 self.next_id += 1;
-                self.e.scheduler.add(id, req.prompt_ids.clone(), req.adapter.clone());
+                self.e.scheduler.add_for(id, req.prompt_ids.clone(), req.adapter.clone(), req.tenant.clone());
                 let live = Live {
                     queued: true,
                     sampler: Sampler::new(&req.params),
@@ -291,7 +300,7 @@ impl EngineState {
         for s in &plan.batch {
             if let Some(live) = self.live.get_mut(&s.id).filter(|l| l.queued) {
                 live.queued = false;
-                self.queue.leave(&live.req.model);
+                self.queue.leave(&live.req.tenant);
             }
         }
     }
@@ -371,8 +380,9 @@ impl EngineState {
     fn end(&mut self, id: SeqId, outcome: Result<Option<FinishReason>, ApiError>) {
         let Some(mut live) = self.live.remove(&id) else { return };
         if live.queued {
-            self.queue.leave(&live.req.model);
+            self.queue.leave(&live.req.tenant);
         }
+        self.queue.refund(&live.req, live.output.len(), live.queued);
         {
             let EngineState { e, tables, .. } = self;
             let mut res = EngineResources { kv: &mut e.kv, tables, registry: &mut e.registry };
@@ -420,7 +430,7 @@ impl EngineState {
             let _ = live.tx.send(ev);
         }
         tracing::info!(
-            id = %live.req.id, model = %live.req.model, prompt_tokens = usage.prompt_tokens,
+            id = %live.req.id, model = %live.req.model, tenant = %live.req.tenant, prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens, ms = ms as u64, finish = label, "request"
         );
     }

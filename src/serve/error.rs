@@ -29,10 +29,14 @@ pub enum ApiError {
     /// 503 + `Retry-After`: the waiting queue is full.
     #[error("The server is overloaded: {waiting} requests are waiting (--max-waiting {limit}); retry later.")]
     Overloaded { waiting: usize, limit: usize },
-    /// 429 + `Retry-After`: this model's share of the waiting queue is full (the others may
+    /// 429 + `Retry-After`: this tenant's share of the waiting queue is full (the others may
     /// still be served).
-    #[error("Too many requests for `{model}`: {waiting} are waiting (--max-waiting-per-model {limit}); retry later.")]
-    ModelOverloaded { model: String, waiting: usize, limit: usize },
+    #[error("Too many requests for tenant `{tenant}`: {waiting} are waiting (--max-waiting-per-model {limit}); retry later.")]
+    TenantOverloaded { tenant: String, waiting: usize, limit: usize },
+    /// 429 + `Retry-After: retry_after_s`: this tenant's token bucket
+    /// (`--tenant-rate-limit`) cannot pay for the request yet (the others are not affected).
+    #[error("Rate limit reached for tenant `{tenant}` on tokens per second: limit {rate}/s, burst {burst}, this request costs {cost} (prompt + max_tokens). Please try again in {retry_after_s}s.")]
+    RateLimited { tenant: String, cost: f64, rate: f64, burst: f64, retry_after_s: u64 },
     /// 503: the server is shutting down or the engine stopped.
     #[error("{0}")]
     Unavailable(String),
@@ -55,7 +59,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Body { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
             ApiError::Overloaded { .. } | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::ModelOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TenantOverloaded { .. } | ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -69,7 +73,8 @@ impl ApiError {
             ApiError::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::Overloaded { .. } | ApiError::Unavailable(_) => ("server_error", Some("overloaded")),
             // OpenAI's shape for a request-rate limit.
-            ApiError::ModelOverloaded { .. } => ("requests", Some("rate_limit_exceeded")),
+            ApiError::TenantOverloaded { .. } => ("requests", Some("rate_limit_exceeded")),
+            ApiError::RateLimited { .. } => ("tokens", Some("rate_limit_exceeded")),
             ApiError::Internal(_) => ("server_error", None),
         };
         let param = match self {
@@ -108,8 +113,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), Json(self.body())).into_response();
-        if matches!(self, ApiError::Overloaded { .. } | ApiError::ModelOverloaded { .. }) {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let retry_after = match &self {
+            ApiError::Overloaded { .. } | ApiError::TenantOverloaded { .. } => Some(1),
+            ApiError::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

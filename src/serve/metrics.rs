@@ -49,6 +49,13 @@ impl Histogram {
     }
 }
 
+/// Tenants with a series of their own in `lab_tenant_rate_limited_total`: clients name their
+/// tenant, so without a cap they could make the scrape as large as they like.
+pub const MAX_TENANT_SERIES: usize = 1000;
+/// The label the tenants past [`MAX_TENANT_SERIES`] are counted under (it has a space, so no
+/// tenant has that name).
+pub const OTHER_TENANTS: &str = "other tenants";
+
 /// Counters of one adapter (the base model is listed under its served name).
 #[derive(Debug, Clone, Default)]
 pub struct AdapterCounters {
@@ -88,9 +95,20 @@ pub struct MetricsState {
     pub adapter_loads: u64,
     pub adapter_evictions: u64,
     pub per_adapter: BTreeMap<String, AdapterCounters>,
+    /// Requests refused by `--tenant-rate-limit`, per tenant (at most [`MAX_TENANT_SERIES`]
+    /// names; the rest add up under [`OTHER_TENANTS`]).
+    pub rate_limited: BTreeMap<String, u64>,
     pub ttft: Histogram,
     pub tpot: Histogram,
     pub e2e: Histogram,
+}
+
+impl MetricsState {
+    /// Counts a request of `tenant` refused by the rate limit.
+    pub fn count_rate_limited(&mut self, tenant: &str) {
+        let full = self.rate_limited.len() >= MAX_TENANT_SERIES && !self.rate_limited.contains_key(tenant);
+        *self.rate_limited.entry(if full { OTHER_TENANTS } else { tenant }.to_string()).or_default() += 1;
+    }
 }
 
 /// Shared metrics (engine writes, HTTP reads).
@@ -126,6 +144,7 @@ impl Metrics {
             adapter_loads: 0,
             adapter_evictions: 0,
             per_adapter: BTreeMap::new(),
+            rate_limited: BTreeMap::new(),
             ttft: Histogram::new(TTFT_BUCKETS),
             tpot: Histogram::new(TPOT_BUCKETS),
             e2e: Histogram::new(E2E_BUCKETS),
@@ -207,6 +226,12 @@ impl Metrics {
         counter(&mut out, "lab_adapter_loads_total", "Adapter reads from disk.", s.adapter_loads);
         counter(&mut out, "lab_adapter_evictions_total", "Adapters evicted from a device slot.", s.adapter_evictions);
         per_adapter(&mut out, &s.per_adapter);
+        let name = "lab_tenant_rate_limited_total";
+        let _ =
+            writeln!(out, "# HELP {name} Requests refused by --tenant-rate-limit, per tenant.\n# TYPE {name} counter");
+        for (tenant, n) in &s.rate_limited {
+            let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {n}", escape(tenant));
+        }
         out
     }
 }
@@ -246,4 +271,24 @@ pub fn secs(d: Duration) -> f64 {
 /// Unix time in seconds (fractional, as vLLM's `time.time()`).
 pub fn unix_seconds() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limited_tenants_past_the_cap_add_up_under_one_label() {
+        let m = Metrics::new("base", 8, 1);
+        m.update(|s| {
+            for i in 0..MAX_TENANT_SERIES + 50 {
+                s.count_rate_limited(&format!("t{i}"));
+            }
+            s.count_rate_limited("t0");
+        });
+        let text = m.render();
+        assert!(text.contains("lab_tenant_rate_limited_total{tenant=\"t0\"} 2"), "{text}");
+        assert!(text.contains(&format!("lab_tenant_rate_limited_total{{tenant=\"{OTHER_TENANTS}\"}} 50")));
+        assert_eq!(text.matches("lab_tenant_rate_limited_total{").count(), MAX_TENANT_SERIES + 1);
+    }
 }

@@ -11,9 +11,11 @@ pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod queue;
+pub mod ratelimit;
 pub mod resources;
 pub mod routes;
 pub mod stream;
+pub mod tenant;
 pub mod validation;
 
 use std::path::PathBuf;
@@ -55,8 +57,11 @@ pub struct ServeSettings {
     pub kv_blocks: usize,
     pub block_size: usize,
     pub max_waiting: usize,
-    /// `--max-waiting-per-model` (default: `max_waiting`, i.e. no share of its own).
+    /// `--max-waiting-per-model`, places per tenant (default: `max_waiting`, i.e. no share of
+    /// its own).
     pub max_waiting_per_model: usize,
+    /// `--tenant-rate-limit` (`None`: no rate limit).
+    pub tenant_rate_limit: Option<ratelimit::RateLimit>,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub shutdown_timeout: Duration,
@@ -144,8 +149,8 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         base_name: s.served_model_name.clone(),
         graphs: s.graphs,
     };
-    let limits = queue::WaitLimits { total: s.max_waiting, per_model: s.max_waiting_per_model };
-    let (handle, engine_thread) = batcher::spawn(engine, limits)?;
+    let limits = queue::WaitLimits { total: s.max_waiting, per_tenant: s.max_waiting_per_model };
+    let (handle, engine_thread) = batcher::spawn(engine, limits, s.tenant_rate_limit)?;
     let state = Arc::new(routes::AppState {
         validator: validation::Validator { tokenizer, catalog: catalog.clone(), max_model_len: s.max_model_len },
         engine: handle,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -128,12 +128,14 @@ impl AppState {
 
 async fn chat(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Json<ChatCompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = std::time::Instant::now();
+    let tenant = super::tenant::from_header(&headers)?;
     let req = parsed(body)?;
     let seq = st.next_seq();
-    let mut valid = st.validate(move |v| v.chat(&req, seq)).await?;
+    let mut valid = st.validate(move |v| v.chat(&req, seq, tenant)).await?;
     // Latency counts from arrival, including the wait for a tokenization permit.
     valid.arrived = arrived;
     st.run(valid).await
@@ -141,12 +143,14 @@ async fn chat(
 
 async fn completions(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = std::time::Instant::now();
+    let tenant = super::tenant::from_header(&headers)?;
     let req = parsed(body)?;
     let seq = st.next_seq();
-    let mut valid = st.validate(move |v| v.completion(&req, seq)).await?;
+    let mut valid = st.validate(move |v| v.completion(&req, seq, tenant)).await?;
     // Latency counts from arrival, including the wait for a tokenization permit.
     valid.arrived = arrived;
     st.run(valid).await

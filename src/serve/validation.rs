@@ -1,6 +1,6 @@
 //! HTTP JSON -> [`ValidRequest`], once: model resolved to the base or an adapter, sampling
 //! parameters checked, prompt rendered and tokenized, lengths checked against
-//! `--max-model-len`. The engine accepts nothing else.
+//! `--max-model-len`, tenant named ([`super::tenant`]). The engine accepts nothing else.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +33,9 @@ pub struct ValidRequest {
     pub model: String,
     /// Adapter name; `None` = base model.
     pub adapter: Option<String>,
+    /// Whom it is counted for (fair share, per-tenant caps and rate limit): `x-tenant-id`,
+    /// else `user`, else `model`.
+    pub tenant: String,
     pub prompt_ids: Vec<u32>,
     pub params: SamplingParams,
     pub stream: bool,
@@ -49,10 +52,26 @@ pub struct Validator {
     pub max_model_len: usize,
 }
 
+/// What identifies a request, resolved before its prompt is tokenized.
+struct Head<'a> {
+    id: String,
+    endpoint: Endpoint,
+    model: &'a str,
+    adapter: Option<String>,
+    tenant: String,
+}
+
 impl Validator {
-    /// Validates a chat completion: renders the chat template and tokenizes.
-    pub fn chat(&self, req: &ChatCompletionRequest, seq: u64) -> Result<ValidRequest, ApiError> {
+    /// Validates a chat completion: renders the chat template and tokenizes. `tenant_header`
+    /// is the checked `x-tenant-id` value, if sent.
+    pub fn chat(
+        &self,
+        req: &ChatCompletionRequest,
+        seq: u64,
+        tenant_header: Option<String>,
+    ) -> Result<ValidRequest, ApiError> {
         let adapter = self.resolve_model(&req.model)?;
+        let tenant = super::tenant::resolve(tenant_header, req.user.as_deref(), &req.model)?;
         if req.messages.is_empty() {
             return Err(ApiError::bad("messages", "`messages` must hold at least one message"));
         }
@@ -69,12 +88,21 @@ impl Validator {
         let ids = self.encode(&text)?;
         let mut s = req.sampling.clone();
         s.max_tokens = req.max_completion_tokens.or(s.max_tokens);
-        self.finish(format!("chatcmpl-{seq:x}"), Endpoint::Chat, &req.model, adapter, ids, "messages", s)
+        let head =
+            Head { id: format!("chatcmpl-{seq:x}"), endpoint: Endpoint::Chat, model: &req.model, adapter, tenant };
+        self.finish(head, ids, "messages", s)
     }
 
-    /// Validates a completion: the prompt is tokenized as is (no template).
-    pub fn completion(&self, req: &CompletionRequest, seq: u64) -> Result<ValidRequest, ApiError> {
+    /// Validates a completion: the prompt is tokenized as is (no template). `tenant_header`
+    /// as for [`Validator::chat`].
+    pub fn completion(
+        &self,
+        req: &CompletionRequest,
+        seq: u64,
+        tenant_header: Option<String>,
+    ) -> Result<ValidRequest, ApiError> {
         let adapter = self.resolve_model(&req.model)?;
+        let tenant = super::tenant::resolve(tenant_header, req.user.as_deref(), &req.model)?;
         if req.echo == Some(true) {
             return Err(ApiError::bad("echo", "`echo` is not supported by lab"));
         }
@@ -97,7 +125,9 @@ impl Validator {
         };
         let mut s = req.sampling.clone();
         s.max_tokens = s.max_tokens.or(Some(16)); // OpenAI's default for completions
-        self.finish(format!("cmpl-{seq:x}"), Endpoint::Completion, &req.model, adapter, ids, "prompt", s)
+        let head =
+            Head { id: format!("cmpl-{seq:x}"), endpoint: Endpoint::Completion, model: &req.model, adapter, tenant };
+        self.finish(head, ids, "prompt", s)
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -115,13 +145,9 @@ impl Validator {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
-        id: String,
-        endpoint: Endpoint,
-        model: &str,
-        adapter: Option<String>,
+        head: Head<'_>,
         prompt_ids: Vec<u32>,
         prompt_param: &str,
         s: SamplingFields,
@@ -188,10 +214,11 @@ impl Validator {
             stop,
         };
         Ok(ValidRequest {
-            id,
-            endpoint,
-            model: model.to_string(),
-            adapter,
+            id: head.id,
+            endpoint: head.endpoint,
+            model: head.model.to_string(),
+            adapter: head.adapter,
+            tenant: head.tenant,
             prompt_ids,
             params,
             stream,
@@ -209,8 +236,8 @@ pub fn unix_now() -> u64 {
 
 /// OpenAI / vLLM parameters `lab` does not implement, each with the value that means "off".
 /// A request that sets one to anything else gets a 400 naming it (vLLM's convention) rather
-/// than a 200 that quietly ignored it; fields not listed here (`user`, `metadata`, ...) carry
-/// no sampling meaning and are ignored.
+/// than a 200 that quietly ignored it; fields not listed here (`metadata`, ...) carry no
+/// sampling meaning and are ignored (`user` is not one of them: it names the tenant).
 fn refuse_unimplemented(other: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
     use serde_json::Value;
     let off = |name: &str, v: &Value| -> bool {

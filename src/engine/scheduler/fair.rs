@@ -1,7 +1,9 @@
 //! Per-tenant fair share: the Virtual Token Counter of "Fairness in Serving Large Language
 //! Models" (Sheng et al., OSDI 2024), as plain state.
 //!
-//! A tenant is an adapter name (the base model is the tenant `""`). Each tenant's counter is
+//! A tenant is the name the server gives a request: the `user` field or `x-tenant-id` header
+//! when the client sends one, else its adapter (the base model is one tenant; the scheduler's
+//! own default for it is `""`). Each tenant's counter is
 //! the service it has received in weighted tokens (prompt tokens charged at admission, each
 //! output token at twice that, the paper's weights). Admission goes to the backlogged tenant
 //! with the least service; a tenant that becomes backlogged after being idle starts at the

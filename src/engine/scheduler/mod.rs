@@ -105,6 +105,8 @@ struct Seq {
     tokens: Vec<u32>,
     computed: usize,
     adapter: Option<String>,
+    /// Whom its service is counted for.
+    tenant: String,
     slot: Option<usize>,
     /// Times a later arrival was admitted while this one waited.
     passed_over: usize,
@@ -135,15 +137,23 @@ impl Scheduler {
         }
     }
 
-    /// Queues a validated request (prompt already tokenized and checked against the limits).
+    /// Queues a validated request (prompt already tokenized and checked against the limits)
+    /// whose tenant is its adapter (`""` for the base model).
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, adapter: Option<String>) {
         let tenant = adapter.clone().unwrap_or_default();
+        self.add_for(id, prompt, adapter, tenant);
+    }
+
+    /// Queues a validated request on behalf of `tenant`: the name its service is counted under
+    /// (fair share) and `max_running_per_tenant` caps, whatever adapter it runs.
+    pub fn add_for(&mut self, id: SeqId, prompt: Vec<u32>, adapter: Option<String>, tenant: String) {
         if !self.seqs.values().any(|s| tenant_of(s) == tenant) {
             let active: Vec<String> = self.seqs.values().map(|s| tenant_of(s).to_string()).collect();
             self.service.activate(&tenant, active.iter().map(String::as_str));
         }
         self.arrivals += 1;
-        let seq = Seq { tokens: prompt, computed: 0, adapter, slot: None, passed_over: 0, arrival: self.arrivals };
+        let seq =
+            Seq { tokens: prompt, computed: 0, adapter, tenant, slot: None, passed_over: 0, arrival: self.arrivals };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
     }
@@ -221,8 +231,7 @@ impl Scheduler {
         for (id, tok) in sampled {
             if let Some(seq) = self.seqs.get_mut(id) {
                 seq.tokens.push(*tok);
-                let tenant = seq.adapter.clone().unwrap_or_default();
-                self.service.charge_output(&tenant, 1);
+                self.service.charge_output(&seq.tenant, 1);
             }
         }
     }
@@ -342,7 +351,7 @@ impl Scheduler {
             let seq = &self.seqs[&id];
             let (adapter, pinned) = (seq.adapter.clone(), seq.slot);
             let starving = seq.passed_over >= self.cfg.max_wait_steps;
-            let tenant = adapter.clone().unwrap_or_default();
+            let tenant = seq.tenant.clone();
             if self.cfg.max_running_per_tenant.is_some_and(|cap| self.running_of(&tenant) >= cap) {
                 continue;
             }
@@ -397,9 +406,9 @@ impl Scheduler {
     }
 }
 
-/// The tenant a sequence's service is counted for: its adapter, `""` for the base model.
+/// The tenant a sequence's service is counted for.
 fn tenant_of(s: &Seq) -> &str {
-    s.adapter.as_deref().unwrap_or("")
+    &s.tenant
 }
 
 #[cfg(test)]

@@ -351,3 +351,28 @@ fn a_preempted_sequence_keeps_its_pinned_adapter_slot_and_resumes_on_it() {
     s.finish(2, &mut res);
     assert_eq!(res.pins[y_slot], 0);
 }
+
+/// The tenant given to `add_for` (the server's `user` / `x-tenant-id`), not the adapter, is
+/// what `--max-running-per-tenant` caps and what the fair counters charge.
+#[test]
+fn the_tenant_given_at_add_is_what_the_cap_and_the_fair_counters_see() {
+    let mut c = cfg(8, 100);
+    c.policy = Policy::Fair;
+    c.max_running_per_tenant = Some(1);
+    let mut s = Scheduler::new(c);
+    let mut res = Fake::new(100, 4);
+    s.add_for(1, vec![1; 8], Some("a".into()), "alice".into());
+    s.add_for(2, vec![1; 2], Some("a".into()), "bob".into());
+    s.add_for(3, vec![1; 8], Some("b".into()), "alice".into());
+    let p = step(&mut s, &mut res);
+    let ids: Vec<SeqId> = p.batch.iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![1, 2], "one adapter, two tenants: both run; alice's second waits on another adapter");
+    // alice has been served 8 + 2 (one output token), bob 2 + 2. Both of the next requests run
+    // adapter b, so counting per adapter would admit the earlier one (alice's) first.
+    s.add_for(4, vec![1; 8], Some("b".into()), "bob".into());
+    s.finish(1, &mut res);
+    s.finish(2, &mut res);
+    let p = step(&mut s, &mut res);
+    let ids: Vec<SeqId> = p.batch.iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![4, 3], "the less-served tenant first, though it arrived later");
+}
