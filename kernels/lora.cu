@@ -1,15 +1,16 @@
-// Batched multi-LoRA for one projection (BGMV): every row of the batch picks its own adapter
-// slot, one launch for the shrink and one for the expand, whatever the mix of adapters.
+// Batched multi-LoRA (BGMV): every row of the batch picks its own adapter slot, one launch for
+// the shrink and one for the expand of up to three projections that share their input (q/k/v,
+// gate/up), whatever the mix of adapters. Segment z = blockIdx.z picks the projection.
 //
-// Layouts (row-major, contiguous):
-//   x    [M, K]        the projection's input rows
-//   y    [M, N]        the base output x W^T, updated in place
-//   a    [S, R, K]     A of every slot, padded to R = --max-lora-rank rows
-//   bt   [S, R, N]     B^T of every slot, same padding
-//   slot [M] u32       the row's slot, NO_SLOT = base only
-//   meta [2S] u32      rank of each slot for this projection (0 = the adapter does not touch it),
-//                      then each slot's scale as f32 bits
-//   t    [M, R] f32    scratch between the two kernels
+// Layouts (row-major, contiguous), per projection z:
+//   x     [M, K]        the shared input rows
+//   y_z   [M, N_z]      the base output x W_z^T, updated in place
+//   a_z   [S, R, K]     A of every slot, padded to R = --max-lora-rank rows
+//   bt_z  [S, R, N_z]   B^T of every slot, same padding
+//   slot  [M] u32       the row's slot, NO_SLOT = base only
+//   meta_z [2S] u32     rank of each slot for this projection (0 = the adapter does not touch
+//                       it), then each slot's scale as f32 bits
+//   t_z   [M, R] f32    scratch between the two kernels
 //
 // Pseudocode:
 //   for m: s = slot[m]; if s == NO_SLOT or rank[s] == 0: skip the row (no read, no write)
@@ -58,25 +59,46 @@ __device__ __forceinline__ void load8(const __half* p, float* f) {
     }
 }
 
-// One block per (j, m): THREADS threads split the K dot product (8 elements per step each) and
-// reduce through shared memory in a fixed order. K % 8 == 0.
+// Up to three projections' pointers, by segment.
+template <typename P>
+__device__ __forceinline__ P pick(uint32_t z, P p0, P p1, P p2) {
+    return z == 0 ? p0 : (z == 1 ? p1 : p2);
+}
+
+#define SHRINK_UNROLL 4
+#define EXPAND_UNROLL 8
+
+// One block per (j, m, z): THREADS threads split the K dot product (8 elements per step each,
+// SHRINK_UNROLL steps in flight) and reduce through shared memory in a fixed order. K % 8 == 0.
 template <typename T>
-__device__ void shrink(float* __restrict__ t, const T* __restrict__ x, const T* __restrict__ a,
-                       const uint32_t* __restrict__ slot, const uint32_t* __restrict__ meta, uint32_t S,
-                       uint32_t K, uint32_t R) {
-    const uint32_t j = blockIdx.x, m = blockIdx.y;
+__device__ void shrink(float* t0, float* t1, float* t2, const T* __restrict__ x, const T* a0, const T* a1,
+                       const T* a2, const uint32_t* __restrict__ slot, const uint32_t* m0, const uint32_t* m1,
+                       const uint32_t* m2, uint32_t S, uint32_t K, uint32_t R) {
+    const uint32_t j = blockIdx.x, m = blockIdx.y, z = blockIdx.z;
+    const uint32_t* meta = pick(z, m0, m1, m2);
     const uint32_t s = slot[m];
     if (s == NO_SLOT || s >= S || j >= meta[s]) return;
     const float scale = __uint_as_float(meta[S + s]);
     const T* xr = x + (size_t)m * K;
-    const T* ar = a + ((size_t)s * R + j) * K;
+    const T* ar = pick(z, a0, a1, a2) + ((size_t)s * R + j) * K;
     float acc = 0.f;
-    for (uint32_t k = threadIdx.x * 8; k < K; k += THREADS * 8) {
-        float xf[8], af[8];
-        load8(xr + k, xf);
-        load8(ar + k, af);
+    for (uint32_t k0 = threadIdx.x * 8; k0 < K; k0 += THREADS * 8 * SHRINK_UNROLL) {
+        float xf[SHRINK_UNROLL][8], af[SHRINK_UNROLL][8];
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc = fmaf(xf[e], af[e], acc);
+        for (int u = 0; u < SHRINK_UNROLL; u++) {
+            const uint32_t k = k0 + u * THREADS * 8;
+            if (k < K) {
+                load8(xr + k, xf[u]);
+                load8(ar + k, af[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < SHRINK_UNROLL; u++) {
+            if (k0 + u * THREADS * 8 < K) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc = fmaf(xf[u][e], af[u][e], acc);
+            }
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
@@ -87,49 +109,62 @@ __device__ void shrink(float* __restrict__ t, const T* __restrict__ x, const T* 
         float v = 0.f;
 #pragma unroll
         for (int w = 0; w < THREADS / 32; w++) v += part[w];
-        t[(size_t)m * R + j] = scale * v;
+        pick(z, t0, t1, t2)[(size_t)m * R + j] = scale * v;
     }
 }
 
-// Block (n-tile, m): each thread owns 8 consecutive output columns. N % 8 == 0.
+// Block (n-tile, m, z): each thread owns 8 consecutive output columns, EXPAND_UNROLL ranks'
+// rows of B^T in flight. N_z % 8 == 0.
 template <typename T>
-__device__ void expand(T* __restrict__ y, const float* __restrict__ t, const T* __restrict__ bt,
-                       const uint32_t* __restrict__ slot, const uint32_t* __restrict__ meta, uint32_t S,
-                       uint32_t N, uint32_t R) {
-    const uint32_t m = blockIdx.y;
+__device__ void expand(T* y0, T* y1, T* y2, const float* t0, const float* t1, const float* t2, const T* b0,
+                       const T* b1, const T* b2, const uint32_t* __restrict__ slot, const uint32_t* m0,
+                       const uint32_t* m1, const uint32_t* m2, uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2,
+                       uint32_t R) {
+    const uint32_t m = blockIdx.y, z = blockIdx.z;
+    const uint32_t N = pick(z, N0, N1, N2);
+    const uint32_t* meta = pick(z, m0, m1, m2);
     const uint32_t s = slot[m];
     if (s == NO_SLOT || s >= S) return;
     const uint32_t r = meta[s];
-    if (r == 0) return;
+    const uint32_t n = (blockIdx.x * THREADS + threadIdx.x) * 8;
+    if (r == 0 || blockIdx.x * THREADS * 8 >= N) return;
     __shared__ float tr[256];
+    const float* t = pick(z, t0, t1, t2);
     for (uint32_t j = threadIdx.x; j < r && j < 256; j += THREADS) tr[j] = t[(size_t)m * R + j];
     __syncthreads();
-    const uint32_t n = (blockIdx.x * THREADS + threadIdx.x) * 8;
     if (n >= N) return;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    const T* b = bt + (size_t)s * R * N + n;
-    for (uint32_t j = 0; j < r; j++) {
-        float bf[8];
-        load8(b + (size_t)j * N, bf);
-        const float tj = tr[j];
+    const T* b = pick(z, b0, b1, b2) + (size_t)s * R * N + n;
+    for (uint32_t j0 = 0; j0 < r; j0 += EXPAND_UNROLL) {
+        float bf[EXPAND_UNROLL][8];
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc[e] = fmaf(tj, bf[e], acc[e]);
+        for (int u = 0; u < EXPAND_UNROLL; u++)
+            if (j0 + u < r) load8(b + (size_t)(j0 + u) * N, bf[u]);
+#pragma unroll
+        for (int u = 0; u < EXPAND_UNROLL; u++) {
+            if (j0 + u < r) {
+                const float tj = tr[j0 + u];
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[e] = fmaf(tj, bf[u][e], acc[e]);
+            }
+        }
     }
-    T* yr = y + (size_t)m * N + n;
+    T* yr = pick(z, y0, y1, y2) + (size_t)m * N + n;
 #pragma unroll
     for (int e = 0; e < 8; e++) yr[e] = from_f<T>(to_f(yr[e]) + acc[e]);
 }
 
-#define LORA(T, SUFFIX)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                  \
-        lora_shrink_##SUFFIX(float* t, const T* x, const T* a, const uint32_t* slot, const uint32_t* meta, \
-                             uint32_t S, uint32_t K, uint32_t R) {                                         \
-        shrink<T>(t, x, a, slot, meta, S, K, R);                                                           \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                  \
-        lora_expand_##SUFFIX(T* y, const float* t, const T* bt, const uint32_t* slot, const uint32_t* meta, \
-                             uint32_t S, uint32_t N, uint32_t R) {                                         \
-        expand<T>(y, t, bt, slot, meta, S, N, R);                                                          \
+#define LORA(T, SUFFIX)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS) lora_shrink_##SUFFIX(                              \
+        float* t0, float* t1, float* t2, const T* x, const T* a0, const T* a1, const T* a2, const uint32_t* slot, \
+        const uint32_t* m0, const uint32_t* m1, const uint32_t* m2, uint32_t S, uint32_t K, uint32_t R) {    \
+        shrink<T>(t0, t1, t2, x, a0, a1, a2, slot, m0, m1, m2, S, K, R);                                     \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) lora_expand_##SUFFIX(                              \
+        T* y0, T* y1, T* y2, const float* t0, const float* t1, const float* t2, const T* b0, const T* b1,    \
+        const T* b2, const uint32_t* slot, const uint32_t* m0, const uint32_t* m1, const uint32_t* m2,       \
+        uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2, uint32_t R) {                                     \
+        expand<T>(y0, y1, y2, t0, t1, t2, b0, b1, b2, slot, m0, m1, m2, S, N0, N1, N2, R);                   \
     }
 
 LORA(float, f32)

@@ -38,7 +38,7 @@ pub fn bgmv_kernels(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
             let slots_cpu = Tensor::new(slots.as_slice(), &Device::Cpu)?;
             let want = bgmv_reference(&y.to_dtype(DType::F32)?, &x.to_dtype(DType::F32)?, &host, &slots_cpu)?;
             let slots_dev = Tensor::new(slots.as_slice(), device)?;
-            let got = bgmv(y.to_device(device)?, &x.to_device(device)?, &dev, &slots_dev)?;
+            let got = bgmv(vec![y.to_device(device)?], &x.to_device(device)?, &[dev.clone()], &slots_dev)?.remove(0);
             let base_rows = slots.iter().filter(|&&s| s == NO_SLOT || RANKS[s as usize] == 0).count();
             out.push(Outcome::rel(
                 format!("lora bgmv {dtype:?} {m}x{k} -> {n}, ranks 4..64, {base_rows} base rows"),
@@ -49,7 +49,7 @@ pub fn bgmv_kernels(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
                 // The update alone (y = 0), so the base output's size cannot hide its error.
                 let zero = y.zeros_like()?;
                 let want = bgmv_reference(&zero.to_dtype(DType::F32)?, &x.to_dtype(DType::F32)?, &host, &slots_cpu)?;
-                let got = bgmv(zero.to_device(device)?, &x.to_device(device)?, &dev, &slots_dev)?;
+                let got = bgmv(vec![zero.to_device(device)?], &x.to_device(device)?, &[dev.clone()], &slots_dev)?.remove(0);
                 out.push(Outcome::rel(
                     format!("lora bgmv {dtype:?} {m}x{k} -> {n}: the update alone"),
                     rel_err(&got, &want)?,
@@ -58,6 +58,40 @@ pub fn bgmv_kernels(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
                 out.push(invariance(&x.to_device(device)?, &y.to_device(device)?, &dev, &slots, (k, n), dtype)?);
             }
         }
+    }
+    out.extend(group_launch(rng, device, dtype)?);
+    Ok(out)
+}
+
+/// q/k/v (and gate/up) widths in one launch pair, each part its own factors and ranks, vs the
+/// oracle part by part.
+fn group_launch(rng: &mut StdRng, device: &Device, dtype: DType) -> anyhow::Result<Vec<Outcome>> {
+    let s = RANKS.len();
+    let mut out = Vec::new();
+    for (k, ns) in [(4096usize, &[4096usize, 1024, 1024][..]), (4096, &[14336, 14336][..])] {
+        let m = 32;
+        let slots: Vec<u32> = (0..m).map(|i| if i % 5 == 4 { NO_SLOT } else { (i % s) as u32 }).collect();
+        let x = randn(rng, &[m, k], 1.0)?.to_dtype(dtype)?;
+        let (mut hosts, mut devs, mut ys) = (Vec::new(), Vec::new(), Vec::new());
+        for (z, &n) in ns.iter().enumerate() {
+            let a = randn(rng, &[s, R, k], 1.0 / (k as f32).sqrt())?;
+            let bt = randn(rng, &[s, R, n], 0.05)?;
+            // Each part its own ranks: rotate them, so a slot's rank differs between parts.
+            let mut meta: Vec<u32> = (0..s).map(|i| RANKS[(i + z) % s]).collect();
+            meta.extend(meta.clone().iter().map(|&r| (2.0 / (r.max(1) as f32).sqrt()).to_bits()));
+            hosts.push(stacked(&a, &bt, &meta, &Device::Cpu, dtype)?);
+            devs.push(stacked(&a, &bt, &meta, device, dtype)?);
+            ys.push(randn(rng, &[m, n], 1.0)?.to_dtype(dtype)?);
+        }
+        let slots_cpu = Tensor::new(slots.as_slice(), &Device::Cpu)?;
+        let ys_dev = ys.iter().map(|y| y.to_device(device)).collect::<candle_core::Result<Vec<_>>>()?;
+        let got = bgmv(ys_dev, &x.to_device(device)?, &devs, &Tensor::new(slots.as_slice(), device)?)?;
+        let mut worst = 0f64;
+        for ((y, host), got) in ys.iter().zip(&hosts).zip(&got) {
+            let want = bgmv_reference(&y.to_dtype(DType::F32)?, &x.to_dtype(DType::F32)?, host, &slots_cpu)?;
+            worst = worst.max(rel_err(got, &want)?);
+        }
+        out.push(Outcome::rel(format!("lora bgmv {dtype:?} one launch for {k} -> {ns:?}"), worst, tolerance(dtype)));
     }
     Ok(out)
 }
@@ -72,10 +106,11 @@ fn invariance(
     dtype: DType,
 ) -> anyhow::Result<Outcome> {
     let device = x.device();
-    let whole = bgmv(y.copy()?, x, w, &Tensor::new(slots, device)?)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let whole = bgmv(vec![y.copy()?], x, std::slice::from_ref(w), &Tensor::new(slots, device)?)?.remove(0);
+    let whole = whole.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let mut same = 0;
     for (i, &s) in slots.iter().enumerate() {
-        let alone = bgmv(y.narrow(0, i, 1)?.copy()?, &x.narrow(0, i, 1)?, w, &Tensor::new(&[s], device)?)?;
+        let alone = bgmv(vec![y.narrow(0, i, 1)?.copy()?], &x.narrow(0, i, 1)?, std::slice::from_ref(w), &Tensor::new(&[s], device)?)?.remove(0);
         let alone = alone.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         same += usize::from(rel_err(&alone, &whole.narrow(0, i, 1)?)? == 0.0);
     }

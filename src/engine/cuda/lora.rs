@@ -15,18 +15,18 @@ const THREADS: u32 = 128;
 /// Ranks the expand kernel keeps in shared memory.
 pub const MAX_RANK: usize = 256;
 
-/// The operands of [`bgmv_cuda`] other than `y`.
+/// Projections one launch takes at most (the kernels' segments).
+pub const MAX_PARTS: usize = 3;
+
+/// The operands of [`bgmv_cuda`]: projections that share their input rows.
 pub struct BgmvArgs<'a> {
     /// `[M, K]`.
     pub x: &'a Tensor,
-    /// `[S, R, K]`.
-    pub a: &'a Tensor,
-    /// `[S, R, N]`.
-    pub bt: &'a Tensor,
     /// `[M]` u32.
     pub slot: &'a Tensor,
-    /// `[2S]` u32: ranks, then scales as f32 bits.
-    pub meta: &'a Tensor,
+    /// Per projection (1..=3): `y [M, N]` (updated in place; distinct tensors, none a view of
+    /// another), `a [S, R, K]`, `bt [S, R, N]`, `meta [2S]` u32 (ranks, then scales as f32 bits).
+    pub parts: Vec<(&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor)>,
 }
 
 struct Expand<'a>(&'a BgmvArgs<'a>);
@@ -45,79 +45,121 @@ impl candle_core::InplaceOp1 for Expand<'_> {
     }
 }
 
-/// `y += LoRA(x)` row by row in place (see `kernels/lora.cu`). Every operand contiguous, on
-/// the device, in `y`'s dtype; `K` and `N` multiples of 8.
-pub fn bgmv_cuda(y: &Tensor, args: &BgmvArgs) -> candle_core::Result<()> {
-    y.inplace_op1(&Expand(args))
+/// `y_z += LoRA_z(x)` row by row in place for every part z (see `kernels/lora.cu`), one
+/// shrink and one expand launch for all of them. Every operand contiguous, on the device, in
+/// the ys' dtype; `K` and every `N` multiples of 8.
+pub fn bgmv_cuda(args: &BgmvArgs) -> candle_core::Result<()> {
+    let n = args.parts.len();
+    if n == 0 || n > MAX_PARTS {
+        candle_core::bail!("lora-bgmv: 1 to {MAX_PARTS} projections per launch, not {n}");
+    }
+    let first = args.parts[0].0;
+    if args.parts[1..].iter().any(|p| p.0.id() == first.id()) {
+        candle_core::bail!("lora-bgmv: the outputs must be distinct tensors");
+    }
+    first.inplace_op1(&Expand(args))
 }
 
-macro_rules! cuda_of {
-    ($t:expr) => {{
-        let (s, l) = $t.storage_and_layout();
-        let l = l.clone();
-        (s, l)
-    }};
+/// A read-locked contiguous CUDA operand: its storage guard, offset and length.
+type Operand<'a> = (candle_core::StorageRef<'a>, usize, usize);
+
+fn operand(t: &Tensor) -> candle_core::Result<Operand<'_>> {
+    let (s, l) = t.storage_and_layout();
+    if !matches!(&*s, Storage::Cuda(_)) {
+        candle_core::bail!("lora-bgmv: every operand on the CUDA device");
+    }
+    let (o, n) = contiguous(l)?;
+    Ok((s, o, n))
 }
 
-fn launch(y: &mut CudaStorage, yl: &Layout, args: &BgmvArgs) -> candle_core::Result<()> {
-    let (m, n) = yl.shape().dims2()?;
-    let (s_count, r, k) = args.a.dims3()?;
+/// The device view of an operand as `T`.
+fn slice<'a, T: candle_core::cuda_backend::CudaDType>(
+    op: &'a Operand<'_>,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Storage::Cuda(c) = &*op.0 else { candle_core::bail!("lora-bgmv: not a CUDA operand") };
+    Ok(c.as_cuda_slice::<T>()?.slice(op.1..op.1 + op.2))
+}
+
+/// One projection's operands; part 0's output is the write-locked tensor of the in-place op.
+struct Part<'a> {
+    y: Option<Operand<'a>>,
+    a: Operand<'a>,
+    bt: Operand<'a>,
+    meta: Operand<'a>,
+}
+
+fn launch(y0: &mut CudaStorage, y0l: &Layout, args: &BgmvArgs) -> candle_core::Result<()> {
+    let (m, _) = y0l.shape().dims2()?;
+    let (s_count, r, k) = args.parts[0].1.dims3()?;
     if m == 0 {
         return Ok(());
     }
-    if k % 8 != 0 || n % 8 != 0 || r > MAX_RANK || args.bt.dims3()? != (s_count, r, n) {
-        candle_core::bail!("lora-bgmv: shapes x [{m}, {k}] a [{s_count}, {r}, {k}] y [{m}, {n}] (K, N % 8, R <= 256)");
+    let mut ns = [0u32; MAX_PARTS];
+    for (i, (y, a, bt, _)) in args.parts.iter().enumerate() {
+        let (ym, n) = y.dims2()?;
+        if ym != m || a.dims3()? != (s_count, r, k) || bt.dims3()? != (s_count, r, n) || n % 8 != 0 {
+            candle_core::bail!("lora-bgmv: y [{ym}, {n}] a {:?} bt {:?} for x [{m}, {k}]", a.dims(), bt.dims());
+        }
+        ns[i] = n as u32;
     }
-    let (xs, xl) = cuda_of!(args.x);
-    let (as_, al) = cuda_of!(args.a);
-    let (bs, bl) = cuda_of!(args.bt);
-    let (ss, sl) = cuda_of!(args.slot);
-    let (ms, ml) = cuda_of!(args.meta);
-    let (Storage::Cuda(xs), Storage::Cuda(as_), Storage::Cuda(bs), Storage::Cuda(ss), Storage::Cuda(ms)) =
-        (&*xs, &*as_, &*bs, &*ss, &*ms)
-    else {
-        candle_core::bail!("lora-bgmv: every operand on the CUDA device");
-    };
-    let dev = y.device().clone();
-    let dtype = y.dtype();
+    if k % 8 != 0 || r > MAX_RANK {
+        candle_core::bail!("lora-bgmv: K = {k} (a multiple of 8), R = {r} (at most {MAX_RANK})");
+    }
+    let dev = y0.device().clone();
+    let dtype = y0.dtype();
     let suffix = match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
         DType::F16 => "f16",
         d => candle_core::bail!("lora-bgmv: no kernel for {d:?}"),
     };
-    let (x0, xn) = contiguous(&xl)?;
-    let (a0, an) = contiguous(&al)?;
-    let (b0, bn) = contiguous(&bl)?;
-    let (y0, yn) = contiguous(yl)?;
-    let (s0, sn) = contiguous(&sl)?;
-    let (m0, mn) = contiguous(&ml)?;
-    if [x0, a0, b0, y0].iter().any(|o| o % 8 != 0) {
-        candle_core::bail!("lora-bgmv: operands must start on 8-element boundaries");
-    }
-    let slot = ss.as_cuda_slice::<u32>()?.slice(s0..s0 + sn);
-    let meta = ms.as_cuda_slice::<u32>()?.slice(m0..m0 + mn);
-    let t = unsafe { dev.alloc::<f32>(m * r)? };
+    let (x, slot) = (operand(args.x)?, operand(args.slot)?);
+    // The other parts' outputs are read-locked here and written by the kernel: device memory
+    // of distinct fresh tensors that no other op reads or writes meanwhile (one stream).
+    let parts: Vec<Part> = args
+        .parts
+        .iter()
+        .enumerate()
+        .map(|(i, (y, a, bt, meta))| {
+            Ok(Part { y: (i > 0).then(|| operand(y)).transpose()?, a: operand(a)?, bt: operand(bt)?, meta: operand(meta)? })
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let np = parts.len();
+    // Unused segments name part 0's operands; their blocks do not exist (grid z = np).
+    let part = |z: usize| &parts[z.min(np - 1)];
+    let (y0o, y0n) = contiguous(y0l)?;
+    let t = unsafe { dev.alloc::<f32>(np * m * r)? };
+    let ts: Vec<_> = (0..MAX_PARTS).map(|z| t.slice(z.min(np - 1) * m * r..)).collect();
     let shrink = dev.get_or_load_custom_func(&format!("lora_shrink_{suffix}"), LORA_MODULE, LORA_PTX)?;
     let expand = dev.get_or_load_custom_func(&format!("lora_expand_{suffix}"), LORA_MODULE, LORA_PTX)?;
-    let (su, ku, nu, ru) = (s_count as u32, k as u32, n as u32, r as u32);
-    let shrink_cfg = LaunchConfig { grid_dim: (r as u32, m as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    let expand_cfg = LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(THREADS * 8), m as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let (su, ku, ru) = (s_count as u32, k as u32, r as u32);
+    let n_max = ns.iter().copied().max().unwrap_or(0);
+    let grid = |x: u32| (x, m as u32, np as u32);
+    let shrink_cfg = LaunchConfig { grid_dim: grid(r as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let expand_cfg =
+        LaunchConfig { grid_dim: grid(n_max.div_ceil(THREADS * 8)), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let slot = slice::<u32>(&slot)?;
+    let metas = [slice::<u32>(&part(0).meta)?, slice::<u32>(&part(1).meta)?, slice::<u32>(&part(2).meta)?];
     macro_rules! go {
         ($ty:ty) => {{
-            let x = xs.as_cuda_slice::<$ty>()?.slice(x0..x0 + xn);
-            let a = as_.as_cuda_slice::<$ty>()?.slice(a0..a0 + an);
-            let bt = bs.as_cuda_slice::<$ty>()?.slice(b0..b0 + bn);
+            let x = slice::<$ty>(&x)?;
+            let a = [slice::<$ty>(&part(0).a)?, slice::<$ty>(&part(1).a)?, slice::<$ty>(&part(2).a)?];
+            let bt = [slice::<$ty>(&part(0).bt)?, slice::<$ty>(&part(1).bt)?, slice::<$ty>(&part(2).bt)?];
+            let ys: Vec<_> = (1..MAX_PARTS)
+                .map(|z| match parts.get(z).and_then(|p| p.y.as_ref()) {
+                    Some(y) => slice::<$ty>(y),
+                    None => slice::<$ty>(&part(0).a), // an unused segment's stand-in, never written
+                })
+                .collect::<candle_core::Result<_>>()?;
             let mut b = shrink.builder();
-            b.arg(&t).arg(&x).arg(&a).arg(&slot).arg(&meta).arg(&su).arg(&ku).arg(&ru);
+            b.arg(&ts[0]).arg(&ts[1]).arg(&ts[2]).arg(&x).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&slot);
+            b.arg(&metas[0]).arg(&metas[1]).arg(&metas[2]).arg(&su).arg(&ku).arg(&ru);
             unsafe { b.launch(shrink_cfg) }.w()?;
-            let mut yv = y.as_cuda_slice_mut::<$ty>()?.slice_mut(y0..y0 + yn);
+            let mut y0v = y0.as_cuda_slice_mut::<$ty>()?.slice_mut(y0o..y0o + y0n);
             let mut b = expand.builder();
-            b.arg(&mut yv).arg(&t).arg(&bt).arg(&slot).arg(&meta).arg(&su).arg(&nu).arg(&ru);
+            b.arg(&mut y0v).arg(&ys[0]).arg(&ys[1]);
+            b.arg(&ts[0]).arg(&ts[1]).arg(&ts[2]).arg(&bt[0]).arg(&bt[1]).arg(&bt[2]).arg(&slot);
+            b.arg(&metas[0]).arg(&metas[1]).arg(&metas[2]).arg(&su).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]).arg(&ru);
             unsafe { b.launch(expand_cfg) }.w()?;
         }};
     }

@@ -52,20 +52,21 @@ pub struct Stacked {
 /// Slot value of a row with no adapter (`NO_SLOT` of `kernels/lora.cu`).
 pub const NO_SLOT: u32 = u32::MAX;
 
-/// Batched multi-LoRA of one projection with a per-row slot (BGMV): `y[t] += scale_s *
-/// (x[t] A_s^T) B_s^T` for `s = row_slot[t]` (`NO_SLOT`: nothing), the semantics of
-/// [`apply_lora`] without grouping rows, so the slots may live on the device (a CUDA graph
-/// replays it for any adapter mix). On CUDA `y` is updated in place (`kernels/lora.cu`) and
-/// returned; elsewhere [`bgmv_reference`] computes a new tensor. Inference only (no gradient).
-pub fn bgmv(y: Tensor, x: &Tensor, w: &Stacked, row_slot: &Tensor) -> Result<Tensor> {
+/// Batched multi-LoRA with a per-row slot (BGMV) for projections that share their input `x`
+/// (one to three: q/k/v, gate/up): `ys[z][t] += scale_s * (x[t] A_{z,s}^T) B_{z,s}^T` for
+/// `s = row_slot[t]` (`NO_SLOT`: nothing), the semantics of [`apply_lora`] without grouping
+/// rows, so the slots may live on the device (a CUDA graph replays it for any adapter mix). On
+/// CUDA the `ys` are updated in place by one launch pair (`kernels/lora.cu`) and returned;
+/// elsewhere [`bgmv_reference`] computes new tensors. Inference only (no gradient).
+pub fn bgmv(ys: Vec<Tensor>, x: &Tensor, ws: &[Stacked], row_slot: &Tensor) -> Result<Vec<Tensor>> {
     #[cfg(feature = "cuda")]
-    if y.device().is_cuda() {
+    if x.device().is_cuda() {
         let x = x.contiguous()?;
-        let args = crate::engine::cuda::lora::BgmvArgs { x: &x, a: &w.a, bt: &w.bt, slot: row_slot, meta: &w.meta };
-        crate::engine::cuda::lora::bgmv_cuda(&y, &args)?;
-        return Ok(y);
+        let parts = ys.iter().zip(ws).map(|(y, w)| (y, &w.a, &w.bt, &w.meta)).collect();
+        crate::engine::cuda::lora::bgmv_cuda(&crate::engine::cuda::lora::BgmvArgs { x: &x, slot: row_slot, parts })?;
+        return Ok(ys);
     }
-    bgmv_reference(&y, x, w, row_slot)
+    ys.iter().zip(ws).map(|(y, w)| bgmv_reference(y, x, w, row_slot)).collect()
 }
 
 /// The plain loops of [`bgmv`] on the host, f32 sums, one rounding to `y`'s dtype per output
@@ -207,7 +208,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev).unwrap();
             let y = Tensor::randn(0f32, 1.0, (rows, out), &dev).unwrap();
             let want = apply_lora(y.clone(), &x, key, &groups, &bank).unwrap();
-            let got = bgmv(y.clone(), &x, &bank.stacked(key).unwrap(), &per_row).unwrap();
+            let got = bgmv(vec![y.clone()], &x, &[bank.stacked(key).unwrap()], &per_row).unwrap().remove(0);
             let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err < 1e-5, "{module:?}: max abs error {err}");
             let moved = (want - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

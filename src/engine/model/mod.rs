@@ -343,8 +343,9 @@ impl Llama {
             x = (x + a)?;
             let h = block.post_attention_layernorm.forward(&x, self.mode)?;
             let m = &block.mlp;
-            let gate = candle_nn::ops::silu(&proj(&m.gate_proj, &h, l, LoraModule::Gate, lora)?)?;
-            let up = proj(&m.up_proj, &h, l, LoraModule::Up, lora)?;
+            let gate_up = [(&m.gate_proj, LoraModule::Gate), (&m.up_proj, LoraModule::Up)];
+            let [gate, up]: [Tensor; 2] = proj_group(&gate_up, &h, l, lora)?.try_into().expect("two projections");
+            let gate = candle_nn::ops::silu(&gate)?;
             x = (x + proj(&m.down_proj, &(gate * up)?, l, LoraModule::Down, lora)?)?;
         }
         Ok(x)
@@ -370,9 +371,11 @@ impl Llama {
         let cfg = &self.cfg;
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let q = proj(&attn.q_proj, x, layer, LoraModule::Q, lora)?.reshape((n, nh, hd))?;
-        let k = proj(&attn.k_proj, x, layer, LoraModule::K, lora)?.reshape((n, nkv, hd))?;
-        let v = proj(&attn.v_proj, x, layer, LoraModule::V, lora)?.reshape((n, nkv, hd))?;
+        let qkv = [(&attn.q_proj, LoraModule::Q), (&attn.k_proj, LoraModule::K), (&attn.v_proj, LoraModule::V)];
+        let [q, k, v]: [Tensor; 3] = proj_group(&qkv, x, layer, lora)?.try_into().expect("three projections");
+        let q = q.reshape((n, nh, hd))?;
+        let k = k.reshape((n, nkv, hd))?;
+        let v = v.reshape((n, nkv, hd))?;
         let q = Rope::apply(&q, cos, sin, self.mode)?;
         let k = Rope::apply(&k, cos, sin, self.mode)?;
         let (batch, kv) = match attend {
@@ -422,15 +425,25 @@ const BGMV_MAX_ROWS: usize = 1024;
 
 /// A base projection plus, where the batch uses adapters, their LoRA updates.
 fn proj(p: &Proj, x: &Tensor, layer: usize, module: LoraModule, lora: Option<&LoraCtx>) -> Result<Tensor> {
-    let y = match lora {
-        Some(ctx) if ctx.mode == OpsMode::Differentiable => p.forward_frozen(x)?,
-        _ => p.forward(x)?,
-    };
-    let Some(ctx) = lora else { return Ok(y) };
-    let key = ProjKey { layer, module };
-    match (&ctx.row_slots, ctx.weights.stacked(key)) {
-        (Some(slots), Some(w)) => bgmv(y, x, &w, slots),
-        _ => apply_lora(y, x, key, &ctx.rows, ctx.weights),
+    Ok(proj_group(&[(p, module)], x, layer, lora)?.remove(0))
+}
+
+/// Projections of one input (q/k/v, gate/up) plus their LoRA updates: through the batched
+/// kernels, the whole group takes one launch pair ([`bgmv`]).
+fn proj_group(ps: &[(&Proj, LoraModule)], x: &Tensor, layer: usize, lora: Option<&LoraCtx>) -> Result<Vec<Tensor>> {
+    let ys = ps
+        .iter()
+        .map(|(p, _)| match lora {
+            Some(ctx) if ctx.mode == OpsMode::Differentiable => p.forward_frozen(x),
+            _ => p.forward(x),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let Some(ctx) = lora else { return Ok(ys) };
+    let keys: Vec<ProjKey> = ps.iter().map(|&(_, module)| ProjKey { layer, module }).collect();
+    let stacked: Option<Vec<_>> = keys.iter().map(|&k| ctx.weights.stacked(k)).collect();
+    match (&ctx.row_slots, stacked) {
+        (Some(slots), Some(ws)) => bgmv(ys, x, &ws, slots),
+        _ => ys.into_iter().zip(keys).map(|(y, key)| apply_lora(y, x, key, &ctx.rows, ctx.weights)).collect(),
     }
 }
 
