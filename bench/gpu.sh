@@ -107,6 +107,27 @@ if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode ||
   echo "serve exit code: $?" | tee -a "$OUT/serve.txt"
 fi
 
+if [[ $MODE == lora && $LORA_OK == 1 ]]; then
+  # Two tenants' adapters (PEFT files, random values) and the base in one server: a batch of
+  # mixed requests, then the adapter metrics and graph replays.
+  log "lab serve --device cuda with adapters (smoke)"
+  for i in 1 2; do /opt/torch/.venv/bin/python3 bench/make_peft_adapter.py /tmp/lab-gpu/adapter-$i 16 $i; done 2>&1 | tee "$OUT/serve-lora.txt"
+  $LAB serve --device cuda --model $MODEL --kv-cache-memory 8GiB --port 18081 --max-loras 4 \
+    --lora-modules cust-1=/tmp/lab-gpu/adapter-1 cust-2=/tmp/lab-gpu/adapter-2 >> "$OUT/serve-lora.txt" 2>&1 &
+  SERVE=$!
+  for _ in $(seq 1 240); do grep -q "listening on" "$OUT/serve-lora.txt" && break; sleep 1; done
+  for m in cust-1 cust-2 $MODEL cust-1 cust-2 $MODEL; do
+    curl -s -m 60 http://127.0.0.1:18081/v1/completions -H 'content-type: application/json' \
+      -d "{\"model\": \"$m\", \"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}" \
+      -o "/tmp/lab-gpu/out-$m-$RANDOM.json" -w "$m %{http_code}\n" &
+  done 2>&1 | tee -a "$OUT/serve-lora.txt"
+  sleep 1
+  cat /tmp/lab-gpu/out-*.json | head -c 2000 >> "$OUT/serve-lora.txt"; echo >> "$OUT/serve-lora.txt"
+  curl -s -m 10 http://127.0.0.1:18081/metrics | grep -E '^lab_decode_graph_replays_total|^lab_adapter_(loads|requests)_total|^vllm:generation_tokens_total' | tee -a "$OUT/serve-lora.txt"
+  kill -TERM $SERVE; wait $SERVE
+  echo "serve exit code: $?" | tee -a "$OUT/serve-lora.txt"
+fi
+
 if [[ $MODE == quick ]]; then
   # Not yet tuned for CUDA (issue 8/8), but it must run or fail with one line, never panic.
   log "lab train-lora --device cuda (smoke, synthetic:tiny, 3 steps)"

@@ -35,7 +35,8 @@ pub struct BenchRun {
     pub weight_bytes: f64,
     pub decode: Vec<DecodePoint>,
     pub prefill: Vec<PrefillPoint>,
-    pub adapter_load_ms: f64,
+    /// Hot load, total and its two halves (median of each).
+    pub adapter_load: AdapterLoad,
     pub profile: Vec<profile::StepProfile>,
     /// `--stock-candle`: the candle-transformers Llama's batch-1 step and its floor bytes.
     pub stock: Option<(stock::StockPoint, f64)>,
@@ -79,7 +80,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let adapter_load_ms = adapter_load_ms(&loaded, args.lora_rank, dtype, &device)?;
+    let adapter_load = adapter_load(&loaded, args.lora_rank, dtype, &device)?;
     let profile = if args.profile {
         args.batch
             .iter()
@@ -99,7 +100,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         weight_bytes: floor::weight_bytes_read(&loaded.model),
         decode,
         prefill,
-        adapter_load_ms,
+        adapter_load,
         profile,
         stock,
         device_mem_used: device_mem_used(&device),
@@ -131,18 +132,38 @@ fn adapter_bank(m: &LoadedModel, n: usize, rank: usize, dtype: DType, device: &D
 /// bf16), then times what `lab serve` does for a hot load: read + validate into host memory
 /// (the `--max-cpu-loras` tier), then copy into a device slot (median of 5; the files sit in
 /// the page cache after the first read).
-fn adapter_load_ms(m: &LoadedModel, rank: usize, dtype: DType, device: &Device) -> anyhow::Result<f64> {
+fn adapter_load(m: &LoadedModel, rank: usize, dtype: DType, device: &Device) -> anyhow::Result<AdapterLoad> {
     let cfg = m.model.config();
     let dir = std::env::temp_dir().join(format!("lab-bench-adapter-{}", std::process::id()));
     LoraAdapter::random(cfg, rank, 7, dtype, &Device::Cpu)?.save_as(&dir, dtype)?;
     let mut bank = SlotBank::new(cfg, 1, rank, dtype, device)?;
-    let s = floor::median_seconds(device, 1, 5, || {
+    let (mut total, mut read, mut copy) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..6 {
+        device.synchronize()?;
+        let t = Instant::now();
         let a = LoraAdapter::load(&dir, cfg, rank, dtype, &Device::Cpu)?;
+        let t_read = t.elapsed().as_secs_f64();
         bank.write(0, &a)?;
-        Ok(())
-    })?;
+        device.synchronize()?;
+        let t_all = t.elapsed().as_secs_f64();
+        total.push(t_all * 1e3);
+        read.push(t_read * 1e3);
+        copy.push((t_all - t_read) * 1e3);
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(s * 1e3)
+    // The first run reads the file from disk; the rest find it in the page cache.
+    let med = |v: &mut Vec<f64>| floor::median(&mut v[1..]);
+    Ok(AdapterLoad { total_ms: med(&mut total), read_ms: med(&mut read), copy_ms: med(&mut copy) })
+}
+
+/// An adapter hot load (PEFT files -> usable slot), median of 5 warm runs, in ms.
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterLoad {
+    pub total_ms: f64,
+    /// Read + validate into host memory (the `--max-cpu-loras` tier).
+    pub read_ms: f64,
+    /// Host memory -> the device slot.
+    pub copy_ms: f64,
 }
 
 #[cfg(feature = "cuda")]
