@@ -12,7 +12,7 @@
 # decode = selftest + decode at context 512, eager and CUDA graphs, batch 1..256, beside the
 # stock candle-transformers step and the floor, + serve smoke (graph replays counted);
 # lora = selftest + decode with 0/1/8/32 distinct adapters (eager and graph) + adapter hot load
-# + the decode defaults + serve smoke + the eager peer (PEFT mixed adapters).
+# + the decode defaults (DECODE=0 skips) + serve smokes + the eager peer (PEER=0 skips).
 # Everything in $OUT also comes back as $OUT/all.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,7 +71,7 @@ if [[ $MODE == lora ]]; then
   [[ $LORA_OK == 1 ]] && run_bench lora --batch 1,32 --adapters 0,1,8,32 --prompt-len 512 --decode-steps 32 --repeats 5
   [[ $LORA_OK == 1 ]] && run_bench lora-128 --batch 128 --adapters 0,8,32 --prompt-len 512 --decode-steps 16 --repeats 3
   # The decode defaults (grouped attention, 1-row skinny GEMM) beside stock candle.
-  run_bench decode --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
+  [[ ${DECODE:-1} == 1 ]] && run_bench decode --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
 fi
 
 if [[ $MODE == decode ]]; then
@@ -138,7 +138,7 @@ if [[ $MODE == quick ]]; then
     2>&1 | tail -2 | tee -a "$OUT/train.txt"
 fi
 
-if [[ $MODE == full || $MODE == lora ]]; then
+if [[ $MODE == full || ( $MODE == lora && ${PEER:-1} == 1 ) ]]; then
   log "peer: transformers + PEFT eager (../shared/bench/peer_hf.py)"
   timeout 300 python3 scratch/gpu/peer_hf.py 2>&1 | grep '^{' | tee "$OUT/peer_hf.jsonl"
 fi
