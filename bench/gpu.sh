@@ -74,6 +74,12 @@ if [[ $MODE == lora ]]; then
   [[ ${DECODE:-1} == 1 ]] && run_bench decode --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
 fi
 
+if [[ $MODE == lora-profile ]]; then
+  # Where the adapters' cost goes: the step's LoRA launches alone, with adapters and without
+  # (fixed cost). Kernels unchanged since the last selftest run; no selftest here.
+  run_bench lora-profile --batch 1,32 --adapters 0,8 --prompt-len 512 --decode-steps 16 --repeats 3 --profile
+fi
+
 if [[ $MODE == decode ]]; then
   run_bench decode --batch 1,8,32,64,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle
   run_bench decode-profile --batch 1,32 --adapters 0 --prompt-len 512 --decode-steps 8 --repeats 3 --profile --prefill-len 4096

@@ -84,7 +84,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let profile = if args.profile {
         args.batch
             .iter()
-            .map(|&b| profile::profile_step(&loaded, b, args.prompt_len, args.repeats.max(3)))
+            .map(|&b| {
+                let n = max_adapters.min(b);
+                profile::profile_step(&loaded, &bank, n, b, args.prompt_len, args.repeats.max(3))
+            })
             .collect::<anyhow::Result<_>>()?
     } else {
         Vec::new()

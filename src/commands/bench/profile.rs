@@ -12,6 +12,7 @@ use crate::engine::attention::decode_meta;
 use crate::engine::attention::paged_ops::paged_decode_attention;
 use crate::engine::kv::paged::{BlockTable, PagedKvCache};
 use crate::engine::load::LoadedModel;
+use crate::engine::lora::slots::SlotBank;
 use crate::engine::model::layers::Proj;
 use crate::engine::model::{LogitsAt, PackedBatch};
 
@@ -30,10 +31,21 @@ pub struct StepProfile {
     pub cublas_ms: f64,
     /// Every layer's paged decode attention alone (ms).
     pub attention_ms: f64,
+    /// Every batched LoRA launch pair of a step alone, rows round-robin over the bank's
+    /// adapters (ms); and the same launches with every row on the base (`NO_SLOT`: the kernels
+    /// return at once), i.e. their fixed cost. `None` without adapters.
+    pub lora_ms: Option<(f64, f64)>,
 }
 
 /// Profiles a base decode step of `batch` sequences at `context` positions each.
-pub fn profile_step(m: &LoadedModel, batch: usize, context: usize, repeats: usize) -> anyhow::Result<StepProfile> {
+pub fn profile_step(
+    m: &LoadedModel,
+    bank: &SlotBank,
+    adapters: usize,
+    batch: usize,
+    context: usize,
+    repeats: usize,
+) -> anyhow::Result<StepProfile> {
     let (model, cfg) = (&m.model, m.model.config());
     let device = model.device();
     let block = 16;
@@ -70,6 +82,13 @@ pub fn profile_step(m: &LoadedModel, batch: usize, context: usize, repeats: usiz
     let gemm_ms = gemm_alone(m, batch, repeats, true)? * 1e3;
     let cublas_ms = gemm_alone(m, batch, repeats, false)? * 1e3;
     let attention_ms = attention_alone(m, &kv, &tables, repeats)? * 1e3;
+    let lora_ms = if adapters > 0 {
+        let on = lora_alone(m, bank, batch, Some(adapters), repeats)? * 1e3;
+        let off = lora_alone(m, bank, batch, None, repeats)? * 1e3;
+        Some((on, off))
+    } else {
+        None
+    };
     Ok(StepProfile {
         batch,
         context,
@@ -78,6 +97,43 @@ pub fn profile_step(m: &LoadedModel, batch: usize, context: usize, repeats: usiz
         gemm_ms,
         cublas_ms,
         attention_ms,
+        lora_ms,
+    })
+}
+
+/// Seconds for the step's batched LoRA launches (q/k/v, o, gate/up, down per layer) over
+/// `bank`, rows round-robin over `adapters` slots (`None`: every row base-only).
+fn lora_alone(
+    m: &LoadedModel,
+    bank: &SlotBank,
+    batch: usize,
+    adapters: Option<usize>,
+    repeats: usize,
+) -> anyhow::Result<f64> {
+    use crate::engine::lora::op::{bgmv, LoraWeights, NO_SLOT};
+    use crate::engine::lora::{LoraModule, ProjKey};
+    let (cfg, device, dtype) = (m.model.config(), m.model.device(), m.model.dtype());
+    let slots: Vec<u32> = (0..batch).map(|i| adapters.map_or(NO_SLOT, |n| (i % n) as u32)).collect();
+    let slots = Tensor::new(slots.as_slice(), device)?;
+    let x = |k: usize| Tensor::randn(0f32, 1f32, (batch, k), device)?.to_dtype(dtype);
+    let (xh, xi) = (x(cfg.hidden_size)?, x(cfg.intermediate_size)?);
+    use LoraModule::*;
+    let groups: [(&[LoraModule], &Tensor); 4] = [(&[Q, K, V], &xh), (&[O], &xh), (&[Gate, Up], &xh), (&[Down], &xi)];
+    median_seconds(device, 1, repeats.max(1), || {
+        for layer in 0..cfg.num_hidden_layers {
+            for (modules, x) in &groups {
+                let ws: Vec<_> = modules
+                    .iter()
+                    .map(|&module| bank.stacked(ProjKey { layer, module }).ok_or_else(|| anyhow::anyhow!("no slots")))
+                    .collect::<anyhow::Result<_>>()?;
+                let ys = modules
+                    .iter()
+                    .map(|md| Tensor::zeros((batch, md.dims(cfg).1), dtype, device))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                drop(bgmv(ys, x, &ws, &slots)?);
+            }
+        }
+        Ok(())
     })
 }
 

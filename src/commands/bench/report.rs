@@ -75,6 +75,14 @@ pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
                 p.batch, p.context, p.step_ms, p.enqueue_ms, p.gemm_ms, p.cublas_ms, p.attention_ms
             );
         }
+        for p in run.profile.iter().filter(|p| p.lora_ms.is_some()) {
+            let (on, off) = p.lora_ms.expect("filtered");
+            println!(
+                "batch {}: the step's batched LoRA launches alone, {} adapters: {on:.2} ms (all rows base-only, i.e. their fixed cost: {off:.2} ms)",
+                p.batch,
+                args.adapters.iter().copied().max().unwrap_or(0).min(p.batch)
+            );
+        }
     }
     println!();
     println!(

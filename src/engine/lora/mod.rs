@@ -496,3 +496,33 @@ fn max_abs_finite(t: &Tensor) -> Result<Option<f64>, LoraError> {
         _ => scan(&flat.to_dtype(DType::F64)?.to_vec1::<f64>()?, |x| x),
     })
 }
+
+#[cfg(test)]
+mod load_timing {
+    use super::*;
+
+    /// Where a hot load's host half goes for the 8B shape (rank 16 on every projection, bf16
+    /// file, 84 MB): `cargo test --release --lib lora::load_timing -- --ignored --nocapture`.
+    /// A measurement aid, not a check: the figures belong in BENCHMARKS.md with `lab bench`'s.
+    #[test]
+    #[ignore]
+    fn host_half_of_a_hot_load_of_an_8b_adapter() {
+        let cfg = LlamaConfig::preset("llama-3.1-8b").unwrap();
+        let dir = std::env::temp_dir().join(format!("lab-load-timing-{}", std::process::id()));
+        LoraAdapter::random(&cfg, 16, 1, DType::BF16, &Device::Cpu).unwrap().save_as(&dir, DType::BF16).unwrap();
+        for _ in 0..4 {
+            let t = std::time::Instant::now();
+            let a = LoraAdapter::load(&dir, &cfg, 16, DType::BF16, &Device::Cpu).unwrap();
+            eprintln!("load into host memory: {:.1} ms ({} factors)", t.elapsed().as_secs_f64() * 1e3, 2 * a.weights.len());
+        }
+        let t = std::time::Instant::now();
+        let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        eprintln!("  of which safetensors::load: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        let t = std::time::Instant::now();
+        for t in tensors.values() {
+            max_abs_finite(t).unwrap();
+        }
+        eprintln!("  of which the value scans (serial here): {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
