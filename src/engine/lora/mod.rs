@@ -326,7 +326,7 @@ impl LoraAdapter {
         if config.r > max_rank {
             return Err(LoraError::RankTooLarge { rank: config.r, max: max_rank });
         }
-        let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)?;
+        let tensors = read_tensors(&weights_path)?;
         // Finite in the file is not enough: f16 overflows past 65504 (bf16 just below f32's
         // maximum), so a value must also fit the run dtype when converting narrows it.
         let dtype_max = match dtype {
@@ -397,19 +397,49 @@ impl LoraAdapter {
 }
 
 /// PEFT keys -> validated `(A, B)` pairs.
+/// The largest magnitude's bits of IEEE values given as bits (`exp`: the exponent mask, all ones
+/// = Inf/NaN; `abs`: every bit but the sign), or `None` if one is not finite. Finite
+/// magnitudes order as their bits do, so this is integer work the compiler vectorises.
+fn scan_bits(bits: impl Iterator<Item = u32>, exp: u32, abs: u32) -> Option<u32> {
+    let (mut max, mut special) = (0u32, false);
+    for b in bits {
+        special |= b & exp == exp;
+        max = max.max(b & abs);
+    }
+    (!special).then_some(max)
+}
+
+/// Every tensor of a safetensors file as a host tensor with its value scan
+/// ([`max_abs_finite`]), the file memory-mapped and its tensors copied out and scanned in
+/// parallel (reading the file whole and then converting it was most of an 8B adapter's load).
+fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor, Option<f64>)>, LoraError> {
+    use candle_core::safetensors::Load;
+    use rayon::prelude::*;
+    // SAFETY: the map is read while this function runs and dropped before it returns; lab
+    // writes adapters to a temporary file and renames it (never in place), so a save during a
+    // load replaces the directory entry, not the mapped bytes.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path)? };
+    let names: Vec<String> = st.tensors().into_iter().map(|(name, _)| name).collect();
+    names
+        .into_par_iter()
+        .map(|name| {
+            let view = st.get(&name)?;
+            let t = view.load(&Device::Cpu)?;
+            let scan = max_abs_finite(&t)?;
+            Ok((name, t, scan))
+        })
+        .collect()
+}
+
 fn parse_tensors(
-    tensors: HashMap<String, Tensor>,
+    tensors: Vec<(String, Tensor, Option<f64>)>,
     config: &AdapterConfig,
     cfg: &LlamaConfig,
     (dtype, dtype_max): (DType, Option<f64>),
 ) -> Result<BTreeMap<ProjKey, (Tensor, Tensor)>, LoraError> {
-    use rayon::prelude::*;
     let mut a_map = BTreeMap::new();
     let mut b_map = BTreeMap::new();
-    // The value scans, one per tensor, in parallel: the rest is bookkeeping.
-    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
-    let scans: Vec<Result<Option<f64>, LoraError>> = tensors.par_iter().map(|(_, t)| max_abs_finite(t)).collect();
-    for ((name, t), scan) in tensors.into_iter().zip(scans) {
+    for (name, t, scan) in tensors {
         if name.contains("lora_embedding") || name.contains("embed_tokens") || name.contains("lm_head") {
             return Err(LoraError::Unsupported(format!("LoRA on embeddings/lm_head ({name})")));
         }
@@ -426,7 +456,7 @@ fn parse_tensors(
                 key.layer, cfg.num_hidden_layers
             )));
         }
-        let Some(max) = scan? else { return Err(LoraError::NonFinite(name)) };
+        let Some(max) = scan else { return Err(LoraError::NonFinite(name)) };
         if let Some(limit) = dtype_max.filter(|_| t.dtype() != dtype) {
             if max > limit {
                 let factor = if name.contains("lora_A") { "lora_A" } else { "lora_B" };
@@ -488,13 +518,27 @@ fn max_abs_finite(t: &Tensor) -> Result<Option<f64>, LoraError> {
             x.is_finite().then(|| m.max(x.abs()))
         })
     }
-    let flat = t.flatten_all()?;
-    Ok(match flat.dtype() {
-        DType::F32 => scan(&flat.to_vec1::<f32>()?, f64::from),
-        DType::BF16 => scan(&flat.to_vec1::<half::bf16>()?, f64::from),
-        DType::F16 => scan(&flat.to_vec1::<half::f16>()?, f64::from),
-        _ => scan(&flat.to_dtype(DType::F64)?.to_vec1::<f64>()?, |x| x),
-    })
+    use candle_core::{CpuStorage, Storage};
+    // A contiguous host tensor is scanned where it lies (no copy).
+    if let Some((o, n)) = t.layout().contiguous_offsets().map(|(a, b)| (a, b - a)) {
+        let (storage, _) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                let bits = scan_bits(v[o..o + n].iter().map(|x| x.to_bits()), 0x7f80_0000, 0x7fff_ffff);
+                return Ok(bits.map(|b| f64::from(f32::from_bits(b))));
+            }
+            Storage::Cpu(CpuStorage::BF16(v)) => {
+                let bits = scan_bits(v[o..o + n].iter().map(|x| u32::from(x.to_bits())), 0x7f80, 0x7fff);
+                return Ok(bits.map(|b| f64::from(half::bf16::from_bits(b as u16))));
+            }
+            Storage::Cpu(CpuStorage::F16(v)) => {
+                let bits = scan_bits(v[o..o + n].iter().map(|x| u32::from(x.to_bits())), 0x7c00, 0x7fff);
+                return Ok(bits.map(|b| f64::from(half::f16::from_bits(b as u16))));
+            }
+            _ => {}
+        }
+    }
+    Ok(scan(&t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?, |x| x))
 }
 
 #[cfg(test)]
