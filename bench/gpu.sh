@@ -12,7 +12,8 @@
 # decode = selftest + decode at context 512, eager and CUDA graphs, batch 1..256, beside the
 # stock candle-transformers step and the floor, + serve smoke (graph replays counted);
 # lora = selftest + decode with 0/1/8/32 distinct adapters (eager and graph) + adapter hot load
-# + the decode defaults (DECODE=0 skips) + serve smokes + the eager peer (PEER=0 skips).
+# + the decode defaults (DECODE=0 skips) + serve smokes + the eager peer (PEER=0 skips);
+# LORA128=0 skips batch 128, PROFILE=1 adds the LoRA profile.
 # Everything in $OUT also comes back as $OUT/all.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +70,8 @@ if [[ $MODE == lora ]]; then
   # Multi-LoRA (issue 4/8): distinct rank-16 adapters on all 7 projections, rows round-robin,
   # eager and graph, beside the same step without adapters and the floor with adapter bytes.
   [[ $LORA_OK == 1 ]] && run_bench lora --batch 1,32 --adapters 0,1,8,32 --prompt-len 512 --decode-steps 32 --repeats 5
-  [[ $LORA_OK == 1 ]] && run_bench lora-128 --batch 128 --adapters 0,8,32 --prompt-len 512 --decode-steps 16 --repeats 3
+  [[ $LORA_OK == 1 && ${LORA128:-1} == 1 ]] && run_bench lora-128 --batch 128 --adapters 0,8,32 --prompt-len 512 --decode-steps 16 --repeats 3
+  [[ $LORA_OK == 1 && ${PROFILE:-0} == 1 ]] && run_bench lora-profile --batch 1,32 --adapters 0,8 --prompt-len 512 --decode-steps 8 --repeats 3 --profile
   # The decode defaults (grouped attention, 1-row skinny GEMM) beside stock candle.
   [[ ${DECODE:-1} == 1 ]] && run_bench decode --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
 fi

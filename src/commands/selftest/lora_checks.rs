@@ -127,5 +127,6 @@ fn stacked(a: &Tensor, bt: &Tensor, meta: &[u32], device: &Device, dtype: DType)
         a: a.to_dtype(dtype)?.to_device(device)?,
         bt: bt.to_dtype(dtype)?.to_device(device)?,
         meta: Tensor::new(meta, device)?,
+        scratch: None,
     })
 }

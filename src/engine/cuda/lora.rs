@@ -27,6 +27,8 @@ pub struct BgmvArgs<'a> {
     /// Per projection (1..=3): `y [M, N]` (updated in place; distinct tensors, none a view of
     /// another), `a [S, R, K]`, `bt [S, R, N]`, `meta [2S]` u32 (ranks, then scales as f32 bits).
     pub parts: Vec<(&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor)>,
+    /// f32 scratch reused across launches when large enough (else one is allocated).
+    pub scratch: Option<&'a Tensor>,
 }
 
 struct Expand<'a>(&'a BgmvArgs<'a>);
@@ -128,7 +130,16 @@ fn launch(y0: &mut CudaStorage, y0l: &Layout, args: &BgmvArgs) -> candle_core::R
     // Unused segments name part 0's operands; their blocks do not exist (grid z = np).
     let part = |z: usize| &parts[z.min(np - 1)];
     let (y0o, y0n) = contiguous(y0l)?;
-    let t = unsafe { dev.alloc::<f32>(np * m * r)? };
+    let scratch = args.scratch.map(operand).transpose()?.filter(|s| s.2 >= np * m * r);
+    let owned = match scratch {
+        Some(_) => None,
+        None => Some(unsafe { dev.alloc::<f32>(np * m * r)? }),
+    };
+    let t = match (&scratch, &owned) {
+        (Some(s), _) => slice::<f32>(s)?,
+        (None, Some(o)) => o.slice(0..),
+        (None, None) => unreachable!("allocated above"),
+    };
     let ts: Vec<_> = (0..MAX_PARTS).map(|z| t.slice(z.min(np - 1) * m * r..)).collect();
     let shrink = dev.get_or_load_custom_func(&format!("lora_shrink_{suffix}"), LORA_MODULE, LORA_PTX)?;
     let expand = dev.get_or_load_custom_func(&format!("lora_expand_{suffix}"), LORA_MODULE, LORA_PTX)?;
@@ -171,29 +182,9 @@ fn launch(y0: &mut CudaStorage, y0l: &Layout, args: &BgmvArgs) -> candle_core::R
     Ok(())
 }
 
-/// Host values in one of the run dtypes, for [`upload_at`].
-pub enum HostValues {
-    F32(Vec<f32>),
-    BF16(Vec<bf16>),
-    F16(Vec<f16>),
-}
-
-impl HostValues {
-    /// The values of the host tensor `t` (row-major) as they are.
-    pub fn of(t: &Tensor) -> candle_core::Result<Self> {
-        let t = t.flatten_all()?;
-        Ok(match t.dtype() {
-            DType::F32 => Self::F32(t.to_vec1()?),
-            DType::BF16 => Self::BF16(t.to_vec1()?),
-            DType::F16 => Self::F16(t.to_vec1()?),
-            d => candle_core::bail!("no slot upload for {d:?}"),
-        })
-    }
-}
-
 struct UploadAt<'a> {
     offset: usize,
-    values: &'a HostValues,
+    src: &'a Tensor,
 }
 
 impl candle_core::InplaceOp1 for UploadAt<'_> {
@@ -206,29 +197,33 @@ impl candle_core::InplaceOp1 for UploadAt<'_> {
     }
 
     fn cuda_fwd(&self, dst: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
         let stream = dst.device().cuda_stream();
         let (o, n) = contiguous(l)?;
+        let (src, sl) = self.src.storage_and_layout();
+        let (s0, sn) = contiguous(sl)?;
+        if self.offset + sn > n {
+            candle_core::bail!("upload-at: {sn} values at {} into {n}", self.offset);
+        }
+        let at = o + self.offset;
         macro_rules! copy {
             ($t:ty, $v:expr) => {{
-                if self.offset + $v.len() > n {
-                    candle_core::bail!("upload-at: {} values at {} into {n}", $v.len(), self.offset);
-                }
-                let at = o + self.offset;
-                let mut view = dst.as_cuda_slice_mut::<$t>()?.slice_mut(at..at + $v.len());
-                stream.memcpy_htod($v.as_slice(), &mut view).w()
+                let mut view = dst.as_cuda_slice_mut::<$t>()?.slice_mut(at..at + sn);
+                stream.memcpy_htod(&$v[s0..s0 + sn], &mut view).w()
             }};
         }
-        match (&self.values, dst.dtype()) {
-            (HostValues::F32(v), DType::F32) => copy!(f32, v),
-            (HostValues::BF16(v), DType::BF16) => copy!(bf16, v),
-            (HostValues::F16(v), DType::F16) => copy!(f16, v),
-            (_, d) => candle_core::bail!("upload-at: host values of another dtype than the {d:?} tensor"),
+        match (&*src, dst.dtype()) {
+            (Storage::Cpu(CpuStorage::F32(v)), DType::F32) => copy!(f32, v),
+            (Storage::Cpu(CpuStorage::BF16(v)), DType::BF16) => copy!(bf16, v),
+            (Storage::Cpu(CpuStorage::F16(v)), DType::F16) => copy!(f16, v),
+            (_, d) => candle_core::bail!("upload-at: want a host tensor of the {d:?} destination's dtype"),
         }
     }
 }
 
-/// `dst.flat[offset..offset + values.len()] = values`: one host-to-device copy straight into
-/// a contiguous CUDA tensor (an adapter into its slot: no staging tensor, no kernel).
-pub fn upload_at(dst: &Tensor, offset: usize, values: &HostValues) -> candle_core::Result<()> {
-    dst.inplace_op1(&UploadAt { offset, values })
+/// `dst.flat[offset..offset + src.len()] = src`: one host-to-device copy from the host tensor
+/// `src` (contiguous, `dst`'s dtype) straight into a contiguous CUDA tensor (an adapter into
+/// its slot: no staging copy, no kernel).
+pub fn upload_at(dst: &Tensor, offset: usize, src: &Tensor) -> candle_core::Result<()> {
+    dst.inplace_op1(&UploadAt { offset, src })
 }

@@ -47,6 +47,9 @@ pub struct Stacked {
     /// `[2S]` u32: `rank[s]` for this projection (0: the adapter does not touch it), then
     /// `scale[s]` as f32 bits.
     pub meta: Tensor,
+    /// f32 scratch for the kernels' shrunk rows, allocated once by the bank (the same buffer
+    /// for every launch: they run one after another on one stream); `None`: per launch.
+    pub scratch: Option<Tensor>,
 }
 
 /// Slot value of a row with no adapter (`NO_SLOT` of `kernels/lora.cu`).
@@ -63,7 +66,8 @@ pub fn bgmv(ys: Vec<Tensor>, x: &Tensor, ws: &[Stacked], row_slot: &Tensor) -> R
     if x.device().is_cuda() {
         let x = x.contiguous()?;
         let parts = ys.iter().zip(ws).map(|(y, w)| (y, &w.a, &w.bt, &w.meta)).collect();
-        crate::engine::cuda::lora::bgmv_cuda(&crate::engine::cuda::lora::BgmvArgs { x: &x, slot: row_slot, parts })?;
+        let scratch = ws.first().and_then(|w| w.scratch.as_ref());
+        crate::engine::cuda::lora::bgmv_cuda(&crate::engine::cuda::lora::BgmvArgs { x: &x, slot: row_slot, parts, scratch })?;
         return Ok(ys);
     }
     ys.iter().zip(ws).map(|(y, w)| bgmv_reference(y, x, w, row_slot)).collect()

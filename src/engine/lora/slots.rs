@@ -32,7 +32,14 @@ pub struct SlotBank {
     device_meta: Tensor,
     /// Row of each projection in `device_meta`.
     key_rows: BTreeMap<ProjKey, usize>,
+    /// f32 scratch of the batched kernels, sized for their largest launch (see [`Stacked`]).
+    scratch: Tensor,
 }
+
+/// Rows the bank's scratch covers per launch (a forward of more rows allocates its own).
+pub const SCRATCH_ROWS: usize = 1024;
+/// Projections per launch the scratch covers (q/k/v).
+const SCRATCH_PARTS: usize = 3;
 
 impl SlotBank {
     /// Allocates `slots` slots of rank `max_rank` for every projection of `cfg`.
@@ -49,7 +56,8 @@ impl SlotBank {
         }
         let key_rows: BTreeMap<ProjKey, usize> = a.keys().enumerate().map(|(i, k)| (*k, i)).collect();
         let device_meta = Tensor::zeros((key_rows.len(), 2 * slots), DType::U32, device)?;
-        Ok(Self { max_rank, a, bt, meta: vec![None; slots], device_meta, key_rows })
+        let scratch = Tensor::zeros(SCRATCH_PARTS * SCRATCH_ROWS * max_rank.max(1), DType::F32, device)?;
+        Ok(Self { max_rank, a, bt, meta: vec![None; slots], device_meta, key_rows, scratch })
     }
 
     /// The host values of `device_meta` for the slots as they are now.
@@ -130,17 +138,14 @@ impl SlotBank {
     /// in with one host-to-device copy straight into the slot's rows.
     #[cfg(feature = "cuda")]
     fn upload_from_host(&self, slot: usize, adapter: &LoraAdapter) -> Result<()> {
-        use crate::engine::cuda::lora::{upload_at, HostValues};
+        use crate::engine::cuda::lora::upload_at;
         use rayon::prelude::*;
         let dtype = self.device_meta_dtype();
-        let staged: Vec<(ProjKey, HostValues, HostValues)> = adapter
+        // A as it is (already the run dtype and contiguous: no copy); B transposed.
+        let staged: Vec<(ProjKey, Tensor, Tensor)> = adapter
             .weights
             .par_iter()
-            .map(|(key, (a, b))| {
-                let a = HostValues::of(&a.to_dtype(dtype)?.contiguous()?)?;
-                let bt = HostValues::of(&b.to_dtype(dtype)?.t()?.contiguous()?)?;
-                Ok((*key, a, bt))
-            })
+            .map(|(key, (a, b))| Ok((*key, a.to_dtype(dtype)?.contiguous()?, b.to_dtype(dtype)?.t()?.contiguous()?)))
             .collect::<Result<_>>()?;
         for (key, a, bt) in &staged {
             let (dst_a, dst_bt) = (&self.a[key], &self.bt[key]);
@@ -195,6 +200,7 @@ impl LoraWeights for SlotBank {
             a: self.a.get(&key)?.clone(),
             bt: self.bt.get(&key)?.clone(),
             meta: self.device_meta.get(row).ok()?,
+            scratch: Some(self.scratch.clone()),
         })
     }
 }
