@@ -69,7 +69,12 @@ pub fn graph_replay(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
                 ));
             }
         }
-        out.push(with_adapters(&model, &label, dtype, seed, steps)?);
+        // On the CPU the eager path groups rows (apply_lora, bf16 products) where the static one
+        // sums per row in f32 (bgmv_reference): in bf16 that compares two roundings of a chaotic
+        // random model, not the graph. On CUDA both run the same kernels, in either dtype.
+        if device.is_cuda() || dtype == DType::F32 {
+            out.push(with_adapters(&model, &label, dtype, seed, steps)?);
+        }
     }
     Ok(out)
 }
@@ -99,7 +104,8 @@ fn with_adapters(model: &Llama, label: &str, dtype: DType, seed: u64, steps: usi
     let replayed = greedy(model, &prompts, steps, Some(&mut graphs), Some(eager.as_slice()), lora)?;
     let total = seqs * (steps + 1);
     let same: usize = eager.iter().zip(&replayed).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x == y).count()).sum();
-    // The CPU's eager path groups rows (apply_lora) where the static one does not: >= 99%.
+    // The CPU's eager path groups rows (apply_lora) where the static one does not (f32 here):
+    // >= 99%.
     let need = if model.device().is_cuda() { total } else { total * 99 / 100 };
     Ok(Outcome::exact(
         format!("decode graph {label} {dtype:?}: 32 sequences, 3 adapters + base, forced"),
