@@ -61,7 +61,8 @@ pub fn decode_points(
         .flat_map(|&n| std::iter::once((n, false)).chain(graphs_on.then_some((n, true))))
         .collect();
     let steps_per_point = 2 + args.repeats * args.decode_steps;
-    let max_len = args.prompt_len + modes.len() * steps_per_point + 1;
+    // Every point starts from the prefilled prompts (tables rewound), so all run at one context.
+    let max_len = args.prompt_len + steps_per_point + 1;
     let mut kv = PagedKvCache::new(cfg, batch * max_len.div_ceil(BLOCK), BLOCK, model.dtype(), model.device())?;
     let mut tables: Vec<BlockTable> = (0..batch).map(|_| BlockTable::default()).collect();
     for t in &mut tables {
@@ -81,7 +82,11 @@ pub fn decode_points(
     let mut graphs = DecodeGraphs::new(GraphConfig { max_batch: batch, max_context: max_len });
     let greedy = RowParams(vec![RowParam::GREEDY; batch]);
     let mut out = Vec::new();
+    let prefilled: Vec<usize> = tables.iter().map(|t| t.len()).collect();
     for (n, graph) in modes {
+        for (t, &len) in tables.iter_mut().zip(&prefilled) {
+            t.rewind(len);
+        }
         let slot = |i: usize| (n > 0).then_some(i % n.max(1));
         let mut step = |tables: &mut [BlockTable]| -> anyhow::Result<()> {
             let mut b = PackedBatch::default();

@@ -34,6 +34,14 @@ impl BlockTable {
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }
+
+    /// Forgets the positions past `len`, keeping the blocks (the next writes overwrite those
+    /// rows): a benchmark re-times decode steps at the same context. Not for a table whose
+    /// blocks the prefix cache holds (their contents would change under their hashes).
+    pub fn rewind(&mut self, len: usize) {
+        assert!(self.hashes.is_empty(), "rewind of a table in the prefix cache");
+        self.len = self.len.min(len);
+    }
 }
 
 /// The block pool: per layer, keys and values as `[num_blocks * block_size, kv_heads, head_dim]`.
@@ -226,6 +234,20 @@ mod tests {
     fn pool(blocks: usize) -> PagedKvCache {
         let cfg = LlamaConfig::preset("tiny").unwrap();
         PagedKvCache::new(&cfg, blocks, 4, DType::F32, &Device::Cpu).unwrap().with_prefix_caching(true)
+    }
+
+    #[test]
+    fn rewind_keeps_the_blocks_and_forgets_the_positions() {
+        let mut kv = pool(4);
+        let mut t = BlockTable::default();
+        assert!(kv.reserve(&mut t, 10));
+        t.len = 10;
+        t.rewind(6);
+        assert_eq!((t.len(), t.num_blocks()), (6, 3));
+        t.rewind(8);
+        assert_eq!(t.len(), 6, "never forward");
+        assert!(kv.reserve(&mut t, 10), "the rewound rows are reused, no new block");
+        assert_eq!(kv.num_free_blocks(), 1);
     }
 
     #[test]
