@@ -55,11 +55,8 @@ pub fn decode_points(
     // (what `lab serve` runs; adapters through the batched LoRA kernels), so both land in one
     // table.
     let graphs_on = model.device().is_cuda() && !args.enforce_eager;
-    let modes: Vec<(usize, bool)> = args
-        .adapters
-        .iter()
-        .flat_map(|&n| std::iter::once((n, false)).chain(graphs_on.then_some((n, true))))
-        .collect();
+    let modes: Vec<(usize, bool)> =
+        args.adapters.iter().flat_map(|&n| std::iter::once((n, false)).chain(graphs_on.then_some((n, true)))).collect();
     let steps_per_point = 2 + args.repeats * args.decode_steps;
     // Every point starts from the prefilled prompts (tables rewound), so all run at one context.
     let max_len = args.prompt_len + steps_per_point + 1;

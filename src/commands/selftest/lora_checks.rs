@@ -49,7 +49,8 @@ pub fn bgmv_kernels(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<
                 // The update alone (y = 0), so the base output's size cannot hide its error.
                 let zero = y.zeros_like()?;
                 let want = bgmv_reference(&zero.to_dtype(DType::F32)?, &x.to_dtype(DType::F32)?, &host, &slots_cpu)?;
-                let got = bgmv(vec![zero.to_device(device)?], &x.to_device(device)?, &[dev.clone()], &slots_dev)?.remove(0);
+                let got =
+                    bgmv(vec![zero.to_device(device)?], &x.to_device(device)?, &[dev.clone()], &slots_dev)?.remove(0);
                 out.push(Outcome::rel(
                     format!("lora bgmv {dtype:?} {m}x{k} -> {n}: the update alone"),
                     rel_err(&got, &want)?,
@@ -110,7 +111,13 @@ fn invariance(
     let whole = whole.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let mut same = 0;
     for (i, &s) in slots.iter().enumerate() {
-        let alone = bgmv(vec![y.narrow(0, i, 1)?.copy()?], &x.narrow(0, i, 1)?, std::slice::from_ref(w), &Tensor::new(&[s], device)?)?.remove(0);
+        let alone = bgmv(
+            vec![y.narrow(0, i, 1)?.copy()?],
+            &x.narrow(0, i, 1)?,
+            std::slice::from_ref(w),
+            &Tensor::new(&[s], device)?,
+        )?
+        .remove(0);
         let alone = alone.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         same += usize::from(rel_err(&alone, &whole.narrow(0, i, 1)?)? == 0.0);
     }

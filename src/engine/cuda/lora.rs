@@ -123,7 +123,12 @@ fn launch(y0: &mut CudaStorage, y0l: &Layout, args: &BgmvArgs) -> candle_core::R
         .iter()
         .enumerate()
         .map(|(i, (y, a, bt, meta))| {
-            Ok(Part { y: (i > 0).then(|| operand(y)).transpose()?, a: operand(a)?, bt: operand(bt)?, meta: operand(meta)? })
+            Ok(Part {
+                y: (i > 0).then(|| operand(y)).transpose()?,
+                a: operand(a)?,
+                bt: operand(bt)?,
+                meta: operand(meta)?,
+            })
         })
         .collect::<candle_core::Result<_>>()?;
     let np = parts.len();

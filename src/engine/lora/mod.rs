@@ -334,11 +334,13 @@ impl LoraAdapter {
             DType::BF16 => Some(f64::from(half::bf16::MAX)),
             _ => None,
         };
-        let weights = parse_tensors(tensors, &config, cfg, (dtype, dtype_max)).map_err(|e| match (e, &config.base_model_name_or_path) {
-            (LoraError::ShapeMismatch(m), Some(base)) => {
-                LoraError::ShapeMismatch(format!("{m} (adapter made for {base})"))
+        let weights = parse_tensors(tensors, &config, cfg, (dtype, dtype_max)).map_err(|e| {
+            match (e, &config.base_model_name_or_path) {
+                (LoraError::ShapeMismatch(m), Some(base)) => {
+                    LoraError::ShapeMismatch(format!("{m} (adapter made for {base})"))
+                }
+                (e, _) => e,
             }
-            (e, _) => e,
         })?;
         let weights = weights
             .into_iter()
@@ -557,7 +559,11 @@ mod load_timing {
         for _ in 0..4 {
             let t = std::time::Instant::now();
             let a = LoraAdapter::load(&dir, &cfg, 16, DType::BF16, &Device::Cpu).unwrap();
-            eprintln!("load into host memory: {:.1} ms ({} factors)", t.elapsed().as_secs_f64() * 1e3, 2 * a.weights.len());
+            eprintln!(
+                "load into host memory: {:.1} ms ({} factors)",
+                t.elapsed().as_secs_f64() * 1e3,
+                2 * a.weights.len()
+            );
         }
         let t = std::time::Instant::now();
         let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();

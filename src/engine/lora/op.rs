@@ -67,7 +67,12 @@ pub fn bgmv(ys: Vec<Tensor>, x: &Tensor, ws: &[Stacked], row_slot: &Tensor) -> R
         let x = x.contiguous()?;
         let parts = ys.iter().zip(ws).map(|(y, w)| (y, &w.a, &w.bt, &w.meta)).collect();
         let scratch = ws.first().and_then(|w| w.scratch.as_ref());
-        crate::engine::cuda::lora::bgmv_cuda(&crate::engine::cuda::lora::BgmvArgs { x: &x, slot: row_slot, parts, scratch })?;
+        crate::engine::cuda::lora::bgmv_cuda(&crate::engine::cuda::lora::BgmvArgs {
+            x: &x,
+            slot: row_slot,
+            parts,
+            scratch,
+        })?;
         return Ok(ys);
     }
     ys.iter().zip(ws).map(|(y, w)| bgmv_reference(y, x, w, row_slot)).collect()

@@ -262,7 +262,8 @@ impl Llama {
             Some(w) if !groups.is_empty() => {
                 // The batched kernels serve steps of few rows (decode, short chunks); long
                 // prefills keep the grouped GEMMs, which read each adapter once.
-                let per_row = self.device.is_cuda() && self.mode == OpsMode::Fused && batch.tokens.len() <= BGMV_MAX_ROWS;
+                let per_row =
+                    self.device.is_cuda() && self.mode == OpsMode::Fused && batch.tokens.len() <= BGMV_MAX_ROWS;
                 let row_slots = per_row.then(|| row_slots(&lens, &slots, &self.device)).transpose()?;
                 Some(LoraCtx { weights: w, rows: groups, row_slots, mode: self.mode })
             }
