@@ -5,6 +5,7 @@
 //! `...mlp.{gate,up,down}_proj...`; `A: [r, in]`, `B: [out, r]`; the update is
 //! `W' = W + s * B A` with `s = alpha / r` (or `alpha / sqrt(r)` with `use_rslora`).
 
+mod file;
 pub mod op;
 pub mod registry;
 pub mod slots;
@@ -326,7 +327,7 @@ impl LoraAdapter {
         if config.r > max_rank {
             return Err(LoraError::RankTooLarge { rank: config.r, max: max_rank });
         }
-        let tensors = read_tensors(&weights_path)?;
+        let tensors = file::read_tensors(&weights_path)?;
         // Finite in the file is not enough: f16 overflows past 65504 (bf16 just below f32's
         // maximum), so a value must also fit the run dtype when converting narrows it.
         let dtype_max = match dtype {
@@ -399,40 +400,6 @@ impl LoraAdapter {
 }
 
 /// PEFT keys -> validated `(A, B)` pairs.
-/// The largest magnitude's bits of IEEE values given as bits (`exp`: the exponent mask, all ones
-/// = Inf/NaN; `abs`: every bit but the sign), or `None` if one is not finite. Finite
-/// magnitudes order as their bits do, so this is integer work the compiler vectorises.
-fn scan_bits(bits: impl Iterator<Item = u32>, exp: u32, abs: u32) -> Option<u32> {
-    let (mut max, mut special) = (0u32, false);
-    for b in bits {
-        special |= b & exp == exp;
-        max = max.max(b & abs);
-    }
-    (!special).then_some(max)
-}
-
-/// Every tensor of a safetensors file as a host tensor with its value scan
-/// ([`max_abs_finite`]), the file memory-mapped and its tensors copied out and scanned in
-/// parallel (reading the file whole and then converting it was most of an 8B adapter's load).
-fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor, Option<f64>)>, LoraError> {
-    use candle_core::safetensors::Load;
-    use rayon::prelude::*;
-    // SAFETY: the map is read while this function runs and dropped before it returns; lab
-    // writes adapters to a temporary file and renames it (never in place), so a save during a
-    // load replaces the directory entry, not the mapped bytes.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path)? };
-    let names: Vec<String> = st.tensors().into_iter().map(|(name, _)| name).collect();
-    names
-        .into_par_iter()
-        .map(|name| {
-            let view = st.get(&name)?;
-            let t = view.load(&Device::Cpu)?;
-            let scan = max_abs_finite(&t)?;
-            Ok((name, t, scan))
-        })
-        .collect()
-}
-
 fn parse_tensors(
     tensors: Vec<(String, Tensor, Option<f64>)>,
     config: &AdapterConfig,
@@ -508,71 +475,4 @@ fn parse_key(name: &str) -> Option<(ProjKey, bool)> {
         _ => return None,
     };
     Some((ProjKey { layer: layer.parse().ok()?, module: LoraModule::from_name(module)? }, is_a))
-}
-
-/// The largest |value| of `t`, or `None` when some element is NaN or Inf: one pass over the
-/// file's own values (a host tensor), no converted copy (converting 42 M values to f64 first
-/// took most of an 8B adapter's load).
-fn max_abs_finite(t: &Tensor) -> Result<Option<f64>, LoraError> {
-    fn scan<T: Copy>(v: &[T], f: impl Fn(T) -> f64) -> Option<f64> {
-        v.iter().try_fold(0f64, |m, &x| {
-            let x = f(x);
-            x.is_finite().then(|| m.max(x.abs()))
-        })
-    }
-    use candle_core::{CpuStorage, Storage};
-    // A contiguous host tensor is scanned where it lies (no copy).
-    if let Some((o, n)) = t.layout().contiguous_offsets().map(|(a, b)| (a, b - a)) {
-        let (storage, _) = t.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => {
-                let bits = scan_bits(v[o..o + n].iter().map(|x| x.to_bits()), 0x7f80_0000, 0x7fff_ffff);
-                return Ok(bits.map(|b| f64::from(f32::from_bits(b))));
-            }
-            Storage::Cpu(CpuStorage::BF16(v)) => {
-                let bits = scan_bits(v[o..o + n].iter().map(|x| u32::from(x.to_bits())), 0x7f80, 0x7fff);
-                return Ok(bits.map(|b| f64::from(half::bf16::from_bits(b as u16))));
-            }
-            Storage::Cpu(CpuStorage::F16(v)) => {
-                let bits = scan_bits(v[o..o + n].iter().map(|x| u32::from(x.to_bits())), 0x7c00, 0x7fff);
-                return Ok(bits.map(|b| f64::from(half::f16::from_bits(b as u16))));
-            }
-            _ => {}
-        }
-    }
-    Ok(scan(&t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?, |x| x))
-}
-
-#[cfg(test)]
-mod load_timing {
-    use super::*;
-
-    /// Where a hot load's host half goes for the 8B shape (rank 16 on every projection, bf16
-    /// file, 84 MB): `cargo test --release --lib lora::load_timing -- --ignored --nocapture`.
-    /// A measurement aid, not a check: the figures belong in BENCHMARKS.md with `lab bench`'s.
-    #[test]
-    #[ignore]
-    fn host_half_of_a_hot_load_of_an_8b_adapter() {
-        let cfg = LlamaConfig::preset("llama-3.1-8b").unwrap();
-        let dir = std::env::temp_dir().join(format!("lab-load-timing-{}", std::process::id()));
-        LoraAdapter::random(&cfg, 16, 1, DType::BF16, &Device::Cpu).unwrap().save_as(&dir, DType::BF16).unwrap();
-        for _ in 0..4 {
-            let t = std::time::Instant::now();
-            let a = LoraAdapter::load(&dir, &cfg, 16, DType::BF16, &Device::Cpu).unwrap();
-            eprintln!(
-                "load into host memory: {:.1} ms ({} factors)",
-                t.elapsed().as_secs_f64() * 1e3,
-                2 * a.weights.len()
-            );
-        }
-        let t = std::time::Instant::now();
-        let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-        eprintln!("  of which safetensors::load: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-        let t = std::time::Instant::now();
-        for t in tensors.values() {
-            max_abs_finite(t).unwrap();
-        }
-        eprintln!("  of which the value scans (serial here): {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 }
