@@ -55,7 +55,10 @@ fn check_mixed_batch(model: &Llama, w: &dyn LoraWeights, slots: [Option<usize>; 
     for (i, single) in singles.iter().enumerate() {
         let n = single.dim(0).unwrap();
         let err = rel_err(&packed.narrow(0, start, n).unwrap(), single);
-        assert!(err < 1e-5, "row group {i} (slot {:?}): rel err {err}", slots[i]);
+        // candle's CPU GEMM splits reductions across threads, so a row alone and the same row
+        // in a batch round differently from run to run (seen up to 2.2e-5 in f32; never with
+        // RAYON_NUM_THREADS=1); a wrong slot or a lost update is ~1e-1.
+        assert!(err < 1e-4, "row group {i} (slot {:?}): rel err {err}", slots[i]);
         start += n;
     }
     // Base rows: bit-identical to the same batch with no adapters at all.
