@@ -102,7 +102,8 @@ pub struct ServeArgs {
     /// Tokens in one step at most (prefill chunks + decode tokens).
     #[arg(long, default_value_t = 512, value_parser = at_least_one())]
     pub max_num_batched_tokens: usize,
-    /// Share of device memory for weights + KV cache (CUDA; on CPU use --kv-cache-memory).
+    /// Share of device memory the server may hold (CUDA): the KV cache gets what the weights,
+    /// the adapter slots and a profiled peak step leave of it. --kv-cache-memory overrides it.
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
     /// KV cache size, e.g. 2GiB or 512MiB (default on CPU: 1GiB).
@@ -225,6 +226,10 @@ pub struct LoadtestArgs {
     /// P99 end-to-end latency objective in ms; a step above it counts as saturated.
     #[arg(long)]
     pub slo: Option<f64>,
+    /// Stop after the first saturated step (for --qps lists that climb past the server's limit:
+    /// the steps beyond would only queue for minutes).
+    #[arg(long)]
+    pub until_saturated: bool,
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,

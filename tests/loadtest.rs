@@ -57,6 +57,7 @@ fn settings(url: &str, max_in_flight: usize) -> LoadtestSettings {
         max_tokens: 1,
         validate: false,
         slo_ms: None,
+        until_saturated: false,
         timeout: Duration::from_secs(30),
         out: None,
         progress: false,

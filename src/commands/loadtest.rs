@@ -102,6 +102,7 @@ fn settings(args: &LoadtestArgs) -> anyhow::Result<LoadtestSettings> {
         max_tokens: args.max_tokens,
         validate: args.validate,
         slo_ms: args.slo,
+        until_saturated: args.until_saturated,
         timeout: Duration::from_secs_f64(args.timeout.max(1.0)),
         out: args.out.clone(),
         progress: true,

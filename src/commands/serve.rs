@@ -8,9 +8,11 @@ use anyhow::{bail, Context};
 use super::device_and_dtype;
 use crate::cli::ServeArgs;
 use crate::engine::graph::GraphConfig;
+use crate::engine::kv::budget::{self as kv_budget, StepShape};
 use crate::engine::kv::paged::PagedKvCache;
 use crate::engine::load::load_model;
 use crate::engine::load::source::{lab_home, ModelSource};
+use crate::engine::lora::slots::SlotBank;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::serve::ServeSettings;
 
@@ -28,24 +30,39 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         bail!("--max-loras must be at least 1");
     }
     // Every flag is checked before the (slow) model load.
-    let kv_bytes = match &args.kv_cache_memory {
-        Some(s) => parse_bytes(s).with_context(|| format!("--kv-cache-memory {s}"))?,
-        None if device.is_cuda() => {
-            bail!("on CUDA pass --kv-cache-memory (e.g. 40GiB) until --gpu-memory-utilization sizing lands with the GPU work")
-        }
-        None => 1 << 30,
+    let fixed_kv_bytes = match &args.kv_cache_memory {
+        Some(s) => Some(parse_bytes(s).with_context(|| format!("--kv-cache-memory {s}"))?),
+        None if device.is_cuda() => None, // sized from --gpu-memory-utilization once the model is in
+        None => Some(1 << 30),
     };
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        bail!("--gpu-memory-utilization {} must be in (0, 1], e.g. 0.9", args.gpu_memory_utilization);
+    }
     let source = ModelSource::parse(args.model.model.as_deref())?;
     let loaded = load_model(&source, &lab_home(), dtype, &device)?;
     super::report_loaded(&loaded);
     let cfg = loaded.model.config().clone();
+    let kv_bytes = match fixed_kv_bytes {
+        Some(b) => b,
+        None => {
+            let shape = StepShape {
+                max_num_batched_tokens: args.max_num_batched_tokens,
+                max_num_seqs: args.max_num_seqs,
+                block_size: args.block_size,
+            };
+            let slots = SlotBank::bytes_for(&cfg, args.max_loras, args.max_lora_rank, dtype);
+            let budget = kv_budget::profile(&loaded.model, dtype, shape, args.gpu_memory_utilization, slots)?;
+            eprintln!("lab serve: {budget} ({:.1} GiB of adapter slots counted)", slots as f64 / (1u64 << 30) as f64);
+            budget.kv_bytes
+        }
+    };
     let block_bytes = PagedKvCache::block_bytes(&cfg, args.block_size, dtype);
     let kv_blocks = kv_bytes / block_bytes;
     let kv_tokens = kv_blocks * args.block_size;
     let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings.min(kv_tokens));
     if max_model_len > kv_tokens {
         bail!(
-            "--max-model-len {max_model_len} needs more KV cache than {kv_tokens} positions: raise --kv-cache-memory"
+            "--max-model-len {max_model_len} needs more KV cache than {kv_tokens} positions: raise --kv-cache-memory or --gpu-memory-utilization"
         );
     }
     if max_model_len > cfg.max_position_embeddings {

@@ -140,3 +140,33 @@ pub async fn send(
     }
     m
 }
+
+/// The server's `lab_engine_busy_seconds_total` from `/metrics` (next to `/v1`), or `None`
+/// when the server does not export it (vLLM, SGLang) or cannot be reached.
+pub async fn busy_seconds(client: &reqwest::Client, base: &str, api_key: Option<&str>) -> Option<f64> {
+    let root = base.trim_end_matches('/').trim_end_matches("/v1");
+    let mut req = client.get(format!("{root}/metrics")).timeout(Duration::from_secs(5));
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let text = req.send().await.ok()?.text().await.ok()?;
+    parse_busy_seconds(&text)
+}
+
+/// The first sample of `lab_engine_busy_seconds_total` in a Prometheus text exposition.
+pub fn parse_busy_seconds(text: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with("lab_engine_busy_seconds_total"))
+        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.trim().parse().ok()))
+}
+
+#[cfg(test)]
+mod busy_tests {
+    #[test]
+    fn the_busy_counter_is_read_from_the_exposition() {
+        let text = "# HELP lab_engine_busy_seconds_total x\n# TYPE lab_engine_busy_seconds_total counter\n\
+                    lab_engine_busy_seconds_total{model_name=\"m\"} 12.5\nlab_engine_busy_ratio{model_name=\"m\"} 0.4\n";
+        assert_eq!(super::parse_busy_seconds(text), Some(12.5));
+        assert_eq!(super::parse_busy_seconds("vllm:num_requests_running 3\n"), None);
+    }
+}

@@ -10,6 +10,7 @@ mod closed_loop;
 pub mod report;
 pub mod schedule;
 pub mod stats;
+pub mod synthetic;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub struct LoadtestSettings {
     pub max_tokens: usize,
     pub validate: bool,
     pub slo_ms: Option<f64>,
+    /// Stop after the first saturated `qps` step.
+    pub until_saturated: bool,
     pub timeout: Duration,
     pub out: Option<PathBuf>,
     pub progress: bool,
@@ -90,6 +93,8 @@ pub struct RequestRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadtestResult {
     pub url: String,
+    /// Synthetic prompts: their length in the server's tokens, as it reported them.
+    pub synthetic_prompt_tokens: Option<usize>,
     pub steps: Vec<StepSummary>,
     pub saturation_step: Option<usize>,
     pub recommended_qps: Option<f64>,
@@ -112,7 +117,6 @@ pub(crate) struct Prompt {
 
 /// Runs every step in order.
 pub fn run(s: &LoadtestSettings) -> Result<LoadtestResult, LoadtestError> {
-    let pool = load_prompts(s)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,11 +125,17 @@ pub fn run(s: &LoadtestSettings) -> Result<LoadtestResult, LoadtestError> {
         .pool_max_idle_per_host(1024)
         .build()
         .map_err(|e| LoadtestError::Config(format!("HTTP client: {e}")))?;
+    let (pool, prompt_tokens) = rt.block_on(load_prompts(s, &client))?;
     let mut steps = Vec::new();
     let mut requests = Vec::new();
     for (i, &qps) in s.qps.iter().enumerate().filter(|_| s.concurrency.is_empty()) {
-        let records = rt.block_on(run_step(s, &client, &pool, i, qps));
-        steps.push(summarize_step(s, qps, &records));
+        let (records, busy) = rt.block_on(run_step(s, &client, &pool, i, qps));
+        let mut summary = summarize_step(s, qps, &records);
+        summary.busy = busy;
+        steps.push(summary);
+        if s.until_saturated && stats::mark_saturation(&mut steps.clone(), s.slo_ms).is_some() {
+            break;
+        }
         requests.extend(records);
     }
     for (i, &n) in s.concurrency.iter().enumerate() {
@@ -139,6 +149,7 @@ pub fn run(s: &LoadtestSettings) -> Result<LoadtestResult, LoadtestError> {
     let sat = if s.concurrency.is_empty() { stats::mark_saturation(&mut steps, s.slo_ms) } else { None };
     Ok(LoadtestResult {
         url: s.url.clone(),
+        synthetic_prompt_tokens: prompt_tokens,
         steps,
         saturation_step: sat.map(|x| x.0),
         recommended_qps: sat.map(|x| x.1),
@@ -146,19 +157,33 @@ pub fn run(s: &LoadtestSettings) -> Result<LoadtestResult, LoadtestError> {
     })
 }
 
-fn load_prompts(s: &LoadtestSettings) -> Result<Vec<Vec<Prompt>>, LoadtestError> {
+/// The prompt pools (one per domain; one synthetic prompt) and, for synthetic prompts, their
+/// length in the server's tokens.
+async fn load_prompts(
+    s: &LoadtestSettings,
+    client: &reqwest::Client,
+) -> Result<(Vec<Vec<Prompt>>, Option<usize>), LoadtestError> {
     match &s.prompts {
         PromptSource::Synthetic { input_len, output_len } => {
-            // One word ≈ one token for this vocabulary of short common words.
-            const WORDS: [&str; 8] = ["data", "model", "query", "token", "server", "adapter", "batch", "cache"];
-            let text: Vec<&str> = (0..*input_len).map(|i| WORDS[(i * 7 + i / 8) % WORDS.len()]).collect();
-            let p = Prompt {
-                messages: vec![ChatMessage::new("user", &text.join(" "))],
-                max_tokens: *output_len,
-                ignore_eos: true,
-                gold: None,
-            };
-            Ok(vec![vec![p]])
+            let model = &s.models[0].0;
+            let c = synthetic::calibrate(client, &s.url, s.api_key.as_deref(), model, *input_len)
+                .await
+                .map_err(LoadtestError::Config)?;
+            if s.progress {
+                match c.prompt_tokens {
+                    Some(t) => eprintln!(
+                        "lab loadtest: synthetic prompt of {} words = {t} prompt tokens on the server",
+                        c.words
+                    ),
+                    None => eprintln!(
+                        "lab loadtest: the server reports no usage: {} words taken as {input_len} tokens",
+                        c.words
+                    ),
+                }
+            }
+            let p =
+                Prompt { messages: synthetic::message(c.words), max_tokens: *output_len, ignore_eos: true, gold: None };
+            Ok((vec![vec![p]], c.prompt_tokens))
         }
         PromptSource::Datasets { dir, domains } => {
             let mut pools = Vec::new();
@@ -182,7 +207,7 @@ fn load_prompts(s: &LoadtestSettings) -> Result<Vec<Vec<Prompt>>, LoadtestError>
                     .collect();
                 pools.push(prompts);
             }
-            Ok(pools)
+            Ok((pools, None))
         }
     }
 }
@@ -205,7 +230,7 @@ async fn run_step(
     pools: &[Vec<Prompt>],
     step: usize,
     qps: f64,
-) -> Vec<RequestRecord> {
+) -> (Vec<RequestRecord>, Option<f64>) {
     let total = s.warmup_s + s.duration_s;
     let seed = s.seed.wrapping_add(step as u64 * 1_000_003);
     let times = schedule::arrivals(s.arrival, qps, total, seed);
@@ -213,6 +238,8 @@ async fn run_step(
     let bar = progress_bar(s, step, &format!("{qps} QPS"), times.len());
     let permits = Arc::new(tokio::sync::Semaphore::new(s.max_in_flight.max(1)));
     let start = Instant::now() + Duration::from_millis(50);
+    let busy =
+        tokio::spawn(busy_share(client.clone(), s.url.clone(), s.api_key.clone(), start, s.warmup_s, s.duration_s));
     let mut tasks = Vec::with_capacity(times.len());
     for (i, (&t, &m)) in times.iter().zip(&picks).enumerate() {
         let p = prompt_for(s, pools, i, m).clone();
@@ -244,7 +271,24 @@ async fn run_step(
         out.push(record(s, step, qps, times[i], model, gold, measured));
     }
     bar.finish();
-    out
+    (out, busy.await.ok().flatten())
+}
+
+/// The server's busy share over the measured window (its engine-busy counter read at the
+/// window's two edges), when the server exports one.
+async fn busy_share(
+    client: reqwest::Client,
+    url: String,
+    key: Option<String>,
+    start: Instant,
+    warmup_s: f64,
+    duration_s: f64,
+) -> Option<f64> {
+    tokio::time::sleep_until((start + Duration::from_secs_f64(warmup_s)).into()).await;
+    let (b0, t0) = (client::busy_seconds(&client, &url, key.as_deref()).await?, Instant::now());
+    tokio::time::sleep_until((start + Duration::from_secs_f64(warmup_s + duration_s)).into()).await;
+    let (b1, t1) = (client::busy_seconds(&client, &url, key.as_deref()).await?, Instant::now());
+    Some(((b1 - b0) / (t1 - t0).as_secs_f64().max(1e-9)).clamp(0.0, 1.0))
 }
 
 /// One finished request as recorded (scored when `--validate`).

@@ -14,13 +14,27 @@ fn p3(p: Option<Percentiles>) -> String {
     }
 }
 
+/// The engine's busy share as a percentage ("-" for a server that does not export it).
+fn busy(b: Option<f64>) -> String {
+    b.map(|b| format!("{:.0}%", 100.0 * b)).unwrap_or_else(|| "-".into())
+}
+
 /// The table, one row per step, with the saturation mark and the recommendation.
 pub fn table(steps: &[StepSummary], recommended: Option<f64>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>8} {:>9} {:>6} {:>6} {:>20} {:>20} {:>16} {:>9} {}",
-        "QPS", "achieved", "done", "errors", "E2E p50/95/99 ms", "TTFT p50/95/99 ms", "TPOT p50/95/99", "out tok/s", ""
+        "{:>8} {:>9} {:>6} {:>6} {:>20} {:>20} {:>16} {:>9} {:>5} {}",
+        "QPS",
+        "achieved",
+        "done",
+        "errors",
+        "E2E p50/95/99 ms",
+        "TTFT p50/95/99 ms",
+        "TPOT p50/95/99",
+        "out tok/s",
+        "busy",
+        ""
     );
     for s in steps {
         let mut note = String::new();
@@ -39,7 +53,7 @@ pub fn table(steps: &[StepSummary], recommended: Option<f64>) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>8} {:>9.2} {:>6} {:>6} {:>20} {:>20} {:>16} {:>9.1}{note}",
+            "{:>8} {:>9.2} {:>6} {:>6} {:>20} {:>20} {:>16} {:>9.1} {:>5}{note}",
             step,
             s.achieved_qps,
             s.completed,
@@ -47,7 +61,8 @@ pub fn table(steps: &[StepSummary], recommended: Option<f64>) -> String {
             p3(s.e2e),
             p3(s.ttft),
             p3(s.tpot),
-            s.output_tokens_per_s
+            s.output_tokens_per_s,
+            busy(s.busy)
         );
     }
     per_model_table(&mut out, steps);
@@ -101,7 +116,7 @@ fn per_model_table(out: &mut String, steps: &[StepSummary]) {
 /// `results.csv`: one row per step.
 pub fn csv(steps: &[StepSummary]) -> String {
     let mut out = String::from(
-        "offered_qps,scheduled_qps,achieved_qps,sent,completed,errors,e2e_p50_ms,e2e_p95_ms,e2e_p99_ms,ttft_p50_ms,ttft_p95_ms,ttft_p99_ms,tpot_p50_ms,tpot_p95_ms,tpot_p99_ms,output_tokens_per_s,in_flight_cap_hits,saturated\n",
+        "offered_qps,scheduled_qps,achieved_qps,sent,completed,errors,e2e_p50_ms,e2e_p95_ms,e2e_p99_ms,ttft_p50_ms,ttft_p95_ms,ttft_p99_ms,tpot_p50_ms,tpot_p95_ms,tpot_p99_ms,output_tokens_per_s,in_flight_cap_hits,saturated,busy\n",
     );
     let f = |p: Option<Percentiles>| match p {
         Some(p) => format!("{:.3},{:.3},{:.3}", p.p50_ms, p.p95_ms, p.p99_ms),
@@ -110,7 +125,7 @@ pub fn csv(steps: &[StepSummary]) -> String {
     for s in steps {
         let _ = writeln!(
             out,
-            "{},{:.4},{:.4},{},{},{},{},{},{},{:.2},{},{}",
+            "{},{:.4},{:.4},{},{},{},{},{},{},{:.2},{},{},{}",
             s.offered_qps,
             s.scheduled_qps,
             s.achieved_qps,
@@ -122,7 +137,8 @@ pub fn csv(steps: &[StepSummary]) -> String {
             f(s.tpot),
             s.output_tokens_per_s,
             s.in_flight_cap_hits,
-            s.saturated
+            s.saturated,
+            s.busy.map(|b| format!("{b:.4}")).unwrap_or_default()
         );
     }
     out

@@ -50,6 +50,9 @@ pub struct StepSummary {
     /// `--validate`: correct / scored per domain letter.
     pub accuracy: BTreeMap<String, (usize, usize)>,
     pub saturated: bool,
+    /// The server's busy share over the measured window (`lab_engine_busy_seconds_total`'s
+    /// rate; the seed table's "GPU util"), when the server exports it.
+    pub busy: Option<f64>,
     /// The same latencies per model (tenant), when the step sent to more than one.
     pub per_model: BTreeMap<String, ModelSummary>,
 }

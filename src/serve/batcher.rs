@@ -238,7 +238,18 @@ impl EngineState {
                 m.prefix_cache_queries += plan.prefix_queries as u64;
                 m.prefix_cache_hits += plan.prefix_hits as u64;
             });
-            if let Err(e) = self.step(&plan) {
+            let began = std::time::Instant::now();
+            let stepped = self.step(&plan);
+            if !plan.batch.is_empty() {
+                let end = std::time::Instant::now();
+                let decode = plan.batch.iter().all(|s| s.sample && s.tokens.len() == 1);
+                self.e.metrics.update(|m| {
+                    m.busy.record(end, end - began);
+                    let h = if decode { &mut m.decode_steps } else { &mut m.prefill_steps };
+                    h.observe((end - began).as_secs_f64());
+                });
+            }
+            if let Err(e) = stepped {
                 tracing::error!("engine step failed: {e}");
                 for s in &plan.batch {
                     self.end(s.id, Err(ApiError::Internal(format!("engine step failed: {e}"))));

@@ -19,6 +19,10 @@ const TPOT_BUCKETS: &[f64] =
 const E2E_BUCKETS: &[f64] =
     &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0];
 
+/// Engine step buckets (seconds): a decode replay is milliseconds, a long prefill chunk more.
+const STEP_BUCKETS: &[f64] =
+    &[0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0];
+
 /// A cumulative Prometheus histogram.
 #[derive(Debug, Clone)]
 pub struct Histogram {
@@ -89,6 +93,11 @@ pub struct MetricsState {
     pub preemptions: u64,
     /// Decode steps run as a CUDA graph replay (the rest ran eagerly).
     pub decode_graph_replays: u64,
+    /// Wall time the engine spent inside steps (the seed table's "GPU util" column is its rate).
+    pub busy: BusyWindow,
+    /// Step wall times: decode-only steps, and steps with prefill tokens.
+    pub decode_steps: Histogram,
+    pub prefill_steps: Histogram,
     /// Prompt tokens of admitted requests, and those the prefix cache supplied.
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
@@ -139,6 +148,9 @@ impl Metrics {
             finished: BTreeMap::new(),
             preemptions: 0,
             decode_graph_replays: 0,
+            busy: BusyWindow::default(),
+            decode_steps: Histogram::new(STEP_BUCKETS),
+            prefill_steps: Histogram::new(STEP_BUCKETS),
             prefix_cache_queries: 0,
             prefix_cache_hits: 0,
             adapter_loads: 0,
@@ -206,6 +218,19 @@ impl Metrics {
             "Prompt tokens found in the prefix cache.",
             s.prefix_cache_hits,
         );
+        let busy = "lab_engine_busy_seconds_total";
+        let _ = writeln!(
+            out,
+            "# HELP {busy} Seconds the engine spent inside steps (rate() of it is the busy fraction).\n\
+             # TYPE {busy} counter\n{busy}{{{m}}} {}",
+            s.busy.total_seconds()
+        );
+        gauge(
+            &mut out,
+            "lab_engine_busy_ratio",
+            "Share of the last 10 s the engine spent inside steps (1 = never idle).",
+            s.busy.ratio(std::time::Instant::now()),
+        );
         counter(
             &mut out,
             "lab_decode_graph_replays_total",
@@ -223,6 +248,14 @@ impl Metrics {
         histogram(&mut out, "vllm:time_per_output_token_seconds", "Time per output token.", &m, &s.tpot);
         histogram(&mut out, "vllm:inter_token_latency_seconds", "Inter-token latency.", &m, &s.tpot);
         histogram(&mut out, "vllm:e2e_request_latency_seconds", "End-to-end request latency.", &m, &s.e2e);
+        let step = "lab_engine_step_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {step} Engine step wall time, by kind (decode: one token a row).\n# TYPE {step} histogram"
+        );
+        for (kind, h) in [("decode", &s.decode_steps), ("prefill", &s.prefill_steps)] {
+            histogram_series(&mut out, step, &format!("{m},kind=\"{kind}\""), h);
+        }
         counter(&mut out, "lab_adapter_loads_total", "Adapter reads from disk.", s.adapter_loads);
         counter(&mut out, "lab_adapter_evictions_total", "Adapters evicted from a device slot.", s.adapter_evictions);
         per_adapter(&mut out, &s.per_adapter);
@@ -236,8 +269,59 @@ impl Metrics {
     }
 }
 
+/// Time inside engine steps: a running total and the share of the last
+/// [`BusyWindow::SECONDS`] whole seconds (one-second buckets, so the gauge needs no scraper
+/// state and two scrapers read the same value).
+#[derive(Debug, Clone)]
+pub struct BusyWindow {
+    origin: std::time::Instant,
+    total: Duration,
+    /// `(second since origin, busy time in it)`, a ring indexed by the second.
+    buckets: [(u64, Duration); 16],
+}
+
+impl Default for BusyWindow {
+    fn default() -> Self {
+        Self { origin: std::time::Instant::now(), total: Duration::ZERO, buckets: [(u64::MAX, Duration::ZERO); 16] }
+    }
+}
+
+impl BusyWindow {
+    /// Whole seconds the ratio is taken over.
+    pub const SECONDS: u64 = 10;
+
+    /// Adds a step that ended at `end` and took `took` (counted in the second it ended in: a
+    /// step is milliseconds, a bucket a second).
+    pub fn record(&mut self, end: std::time::Instant, took: Duration) {
+        self.total += took;
+        let sec = end.saturating_duration_since(self.origin).as_secs();
+        let b = &mut self.buckets[(sec % 16) as usize];
+        if b.0 != sec {
+            *b = (sec, Duration::ZERO);
+        }
+        b.1 += took;
+    }
+
+    pub fn total_seconds(&self) -> f64 {
+        self.total.as_secs_f64()
+    }
+
+    /// Busy share of the [`Self::SECONDS`] whole seconds before the one `now` is in.
+    pub fn ratio(&self, now: std::time::Instant) -> f64 {
+        let cur = now.saturating_duration_since(self.origin).as_secs();
+        let first = cur.saturating_sub(Self::SECONDS);
+        let busy: Duration = self.buckets.iter().filter(|(s, _)| *s >= first && *s < cur).map(|b| b.1).sum();
+        let span = (cur - first).max(1);
+        (busy.as_secs_f64() / span as f64).min(1.0)
+    }
+}
+
 fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogram) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    histogram_series(out, name, labels, h);
+}
+
+fn histogram_series(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     for (b, c) in h.bounds.iter().zip(&h.counts) {
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {c}");
     }
@@ -276,6 +360,26 @@ pub fn unix_seconds() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_ratio_is_the_share_of_the_last_ten_whole_seconds() {
+        let mut w = BusyWindow::default();
+        let at = |ms: u64| w.origin + Duration::from_millis(ms);
+        let (t1, t2, t3) = (at(500), at(3_200), at(11_900));
+        w.record(t1, Duration::from_millis(400)); // second 0
+        w.record(t2, Duration::from_millis(600)); // second 3
+        w.record(t3, Duration::from_millis(900)); // second 11: the current one, not counted yet
+        assert!((w.total_seconds() - 1.9).abs() < 1e-9);
+        // At 11.9 s the window is seconds 1..=10: only the 0.6 s of second 3.
+        assert!((w.ratio(at(11_950)) - 0.06).abs() < 1e-9, "{}", w.ratio(at(11_950)));
+        // At 12.0 s the window is seconds 2..=11.
+        assert!((w.ratio(at(12_000)) - 0.15).abs() < 1e-9);
+        // Long idle: nothing in the window, whatever the ring still holds.
+        assert_eq!(w.ratio(at(60_000)), 0.0);
+        let m = Metrics::new("base", 8, 1);
+        m.update(|s| s.busy = w.clone());
+        assert!(m.render().contains("lab_engine_busy_seconds_total{model_name=\"base\"} 1.9"), "{}", m.render());
+    }
 
     #[test]
     fn rate_limited_tenants_past_the_cap_add_up_under_one_label() {

@@ -1,6 +1,7 @@
 //! KV storage behind the attention: the forward asks a [`KvStore`] to keep a chunk's keys and
 //! values and to hand back every position of that sequence so far.
 
+pub mod budget;
 pub mod paged;
 pub mod prefix;
 

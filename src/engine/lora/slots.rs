@@ -92,6 +92,13 @@ impl SlotBank {
         self.meta.is_empty()
     }
 
+    /// Device bytes a bank of `slots` slots of rank `max_rank` holds (what [`SlotBank::new`]
+    /// will allocate, for sizing the KV pool before the bank exists).
+    pub fn bytes_for(cfg: &LlamaConfig, slots: usize, max_rank: usize, dtype: DType) -> usize {
+        let per_layer: usize = LoraModule::ALL.iter().map(|m| m.dims(cfg)).map(|(i, o)| i + o).sum();
+        cfg.num_hidden_layers * per_layer * slots * max_rank * dtype.size_in_bytes()
+    }
+
     /// Device bytes held by the bank.
     pub fn bytes(&self) -> usize {
         self.a.values().chain(self.bt.values()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()

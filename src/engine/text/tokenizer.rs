@@ -36,6 +36,9 @@ pub struct Tokenizer {
     bos_token: String,
     eos_token: String,
     eos_ids: Vec<u32>,
+    /// Ids from here on decode as ASCII letters (the built-in byte-level tokenizer only; see
+    /// [`Tokenizer::byte_level`]).
+    letters_from: Option<u32>,
 }
 
 /// ChatML, as SmolLM2's template writes it (without SmolLM2's default system prompt).
@@ -122,7 +125,10 @@ impl Tokenizer {
     /// `<|im_start|>` (257) and `<|im_end|>` (258), with a ChatML template; EOS = {256, 258}.
     ///
     /// For synthetic models on a machine without the default model: any UTF-8 text round-trips,
-    /// and every id is below the vocabulary of every preset.
+    /// and every id is below the vocabulary of every preset. A synthetic model samples from its
+    /// whole vocabulary (128,256 ids for the 8B shape), so ids past these 259 decode as the
+    /// ASCII letter `a + id % 26`: every generated token shows as text, and a client timing
+    /// tokens by the stream's content (TTFT, TPOT) sees each one.
     pub fn byte_level() -> Result<Self> {
         let tok_err = |e: tokenizers::Error| EngineError::Tokenizer(format!("byte-level tokenizer: {e}"));
         // Byte b is spelled as GPT-2's printable stand-in for b, which is what the ByteLevel
@@ -139,13 +145,15 @@ impl Tokenizer {
                 return Err(EngineError::Tokenizer(format!("byte-level tokenizer: {t} did not get id {}", 256 + i)));
             }
         }
-        Self::assemble(
+        let mut tok = Self::assemble(
             inner,
             Some(CHATML_TEMPLATE.to_string()),
             "<|im_start|>".to_string(),
             "<|im_end|>".to_string(),
             &[256],
-        )
+        )?;
+        tok.letters_from = Some(256 + BYTE_LEVEL_SPECIALS.len() as u32);
+        Ok(tok)
     }
 
     fn assemble(
@@ -160,7 +168,7 @@ impl Tokenizer {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let template = template.map(compile_template).transpose()?;
-        Ok(Self { inner, template, bos_token, eos_token, eos_ids })
+        Ok(Self { inner, template, bos_token, eos_token, eos_ids, letters_from: None })
     }
 
     /// Token ids of `text`; nothing is added, control tokens in the text are matched.
@@ -171,7 +179,14 @@ impl Tokenizer {
 
     /// Text of `ids`; special tokens are dropped when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        let err = |e: tokenizers::Error| EngineError::Tokenizer(e.to_string());
+        match self.letters_from {
+            Some(from) if ids.iter().any(|&i| i >= from) => {
+                let ids: Vec<u32> = ids.iter().map(|&i| if i >= from { u32::from(b'a') + i % 26 } else { i }).collect();
+                self.inner.decode(&ids, skip_special).map_err(err)
+            }
+            _ => self.inner.decode(ids, skip_special).map_err(err),
+        }
     }
 
     /// Ids that end generation (from the model's config and tokenizer files).
@@ -292,6 +307,13 @@ fn added_tokens(gguf: &GgufFile, tokens: &[String], kind: i64, special: bool) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_level_ids_past_its_vocabulary_decode_as_letters() {
+        let tok = Tokenizer::byte_level().unwrap();
+        assert_eq!(tok.decode(&[104, 105, 259, 260, 259 + 26, 128_255], true).unwrap(), "hizazx");
+        assert_eq!(tok.decode(&[256, 104], true).unwrap(), "h", "specials are still skipped");
+    }
 
     #[test]
     fn byte_level_round_trips_any_text_one_id_per_byte() {
