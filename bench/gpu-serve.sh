@@ -53,7 +53,7 @@ SERVE=
 start_server() { # $1 = name, $2 = --max-loras
   log "lab serve --device cuda ($1: --max-loras $2)"
   $LAB serve --device cuda --model $MODEL --port $PORT --max-loras "$2" --max-cpu-loras 32 --max-lora-rank 64 \
-    --lora-dir $CUSTOMERS --max-waiting 4096 --max-num-batched-tokens "$MAX_BATCHED" > "$OUT/serve-$1.txt" 2>&1 &
+    --lora-dir $CUSTOMERS --max-waiting 4096 --max-num-batched-tokens "$MAX_BATCHED" --max-model-len 8192 > "$OUT/serve-$1.txt" 2>&1 &
   SERVE=$!
   for _ in $(seq 1 400); do
     grep -q "listening on" "$OUT/serve-$1.txt" && break
