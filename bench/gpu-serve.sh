@@ -9,8 +9,8 @@
 # table    = 50 customers on 8 slots (--max-loras 8 --max-cpu-loras 32 --max-lora-rank 64)
 # zipf     = the same server, a zipf:1.1 mix over the 50 (run right after `table`)
 # resident = all 50 resident (--max-loras 50): the no-cliff baseline
-# Env: QPS (the ladder), DURATION / WARMUP (s per step), MAX_BATCHED (--max-num-batched-tokens),
-# SELFTEST=1 (lab selftest first).
+# Env: QPS (the all-resident ladder), QPS_SLOTS8 (the 8-slot one), DURATION / WARMUP (s per step), MAX_BATCHED (--max-num-batched-tokens),
+# SELFTEST=1 (lab selftest first), BENCH=1 (then lab bench's adapter decode points).
 # Everything lands in $OUT and comes back as $OUT/all.tgz too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,9 @@ mkdir -p /tmp/lab-gpu
 [[ -x $LAB ]] || xz -dc -T0 scratch/gpu/lab.xz > $LAB && chmod +x $LAB
 export LAB_HOME=/tmp/lab-gpu/home
 MODEL=synthetic:llama-3.1-8b
-QPS=${QPS:-1,5,10,20,30,40,60,80,100}
+QPS=${QPS:-1,5,7,10,20,30,40,60,80,100}
+# The 8-slot ladder saturates early (50 customers on 8 slots: see BENCHMARKS.md); finer steps.
+QPS_SLOTS8=${QPS_SLOTS8:-1,3,5,7,10,15}
 DURATION=${DURATION:-20}
 WARMUP=${WARMUP:-5}
 # Tokens per step (prefill chunks + decode rows); vLLM's V1 API server uses 2048-8192.
@@ -39,8 +41,20 @@ trap finish EXIT
 if [[ ${SELFTEST:-0} == 1 ]]; then
   log "lab selftest --device cuda"
   $LAB selftest --device cuda > "$OUT/selftest.txt" 2>&1
-  echo "rc=$?" >> "$OUT/selftest.txt"
+  rc=$?
+  echo "rc=$rc" >> "$OUT/selftest.txt"
   tail -3 "$OUT/selftest.txt"
+  # Timing code that is not correct measures nothing.
+  if [[ $rc != 0 ]]; then grep '^FAIL' "$OUT/selftest.txt"; log "selftest failed: no benchmarks"; exit 1; fi
+fi
+
+if [[ ${BENCH:-0} == 1 ]]; then
+  # The decode step with 0/1/8/32 distinct adapters (issue 4/8's points), as bench/gpu.sh lora.
+  log "lab bench lora"
+  $LAB bench --device cuda --model $MODEL --floor --json-out "$OUT/bench-lora.jsonl" --batch 1,32 --adapters 0,1,8,32 \
+    --prompt-len 512 --decode-steps 32 --repeats 5 > "$OUT/bench-lora.md" 2> "$OUT/bench-lora.err"
+  echo "rc=$?" >> "$OUT/bench-lora.err"
+  cat "$OUT/bench-lora.md"
 fi
 
 if [[ ! -f $CUSTOMERS/customer-50/adapter_model.safetensors ]]; then
@@ -68,10 +82,10 @@ stop_server() { # $1 = name
   kill -TERM $SERVE; wait $SERVE
   echo "serve exit code: $?" >> "$OUT/serve-$1.txt"
 }
-load() { # $1 = name, $2 = mix, rest = extra flags
-  local name=$1 mix=$2; shift 2
-  log "lab loadtest $name (--mix $mix, --qps $QPS)"
-  $LAB loadtest --url http://127.0.0.1:$PORT --qps "$QPS" --until-saturated --models 'customer-{01..50}' --mix "$mix" \
+load() { # $1 = name, $2 = mix, $3 = QPS ladder, rest = extra flags
+  local name=$1 mix=$2 qps=$3; shift 3
+  log "lab loadtest $name (--mix $mix, --qps $qps)"
+  $LAB loadtest --url http://127.0.0.1:$PORT --qps "$qps" --until-saturated --models 'customer-{01..50}' --mix "$mix" \
     --input-len 256 --output-len 128 --duration "$DURATION" --warmup "$WARMUP" --timeout 120 --max-error-rate 1 \
     --out "$OUT/load-$name" "$@" > "$OUT/load-$name.md" 2> "$OUT/load-$name.err"
   echo "rc=$?" >> "$OUT/load-$name.err"
@@ -82,10 +96,10 @@ MODES=${*:-table}
 for mode in $MODES; do
   case $mode in
     table)
-      start_server slots8 8 && { load table uniform; [[ $MODES == *zipf* ]] && load zipf zipf:1.1; stop_server slots8; } ;;
+      start_server slots8 8 && { load table uniform "$QPS_SLOTS8"; [[ $MODES == *zipf* ]] && load zipf zipf:1.1 "$QPS_SLOTS8"; stop_server slots8; } ;;
     resident)
-      start_server resident50 50 && { load resident uniform; stop_server resident50; } ;;
-    zipf) [[ $MODES == *table* ]] || { start_server slots8 8 && { load zipf zipf:1.1; stop_server slots8; }; } ;;
+      start_server resident50 50 && { load resident uniform "$QPS"; stop_server resident50; } ;;
+    zipf) [[ $MODES == *table* ]] || { start_server slots8 8 && { load zipf zipf:1.1 "$QPS_SLOTS8"; stop_server slots8; }; } ;;
   esac
 done
 log "done"

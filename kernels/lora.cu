@@ -67,49 +67,53 @@ __device__ __forceinline__ P pick(uint32_t z, P p0, P p1, P p2) {
 
 #define SHRINK_UNROLL 4
 #define EXPAND_UNROLL 8
+// Blocks per (row, projection) of the shrink: its warps split the rank rows j among them.
+#define SHRINK_GROUPS 4
 
-// One block per (j, m, z): THREADS threads split the K dot product (8 elements per step each,
-// SHRINK_UNROLL steps in flight) and reduce through shared memory in a fixed order. K % 8 == 0.
+// Block (g, m, z), one warp per rank row: warp w handles j = (g * WARPS + w) + i * (G * WARPS)
+// below the slot's rank, its 32 lanes split the K dot product (8 elements per load,
+// SHRINK_UNROLL loads in flight) and reduce by a fixed butterfly. A row costs G = SHRINK_GROUPS
+// blocks whatever --max-lora-rank is (one block per rank row and row made 196k mostly idle
+// blocks per launch for a 1024-row prefill at R = 64). K % 8 == 0.
 template <typename T>
 __device__ void shrink(float* t0, float* t1, float* t2, const T* __restrict__ x, const T* a0, const T* a1,
                        const T* a2, const uint32_t* __restrict__ slot, const uint32_t* m0, const uint32_t* m1,
                        const uint32_t* m2, uint32_t S, uint32_t K, uint32_t R) {
-    const uint32_t j = blockIdx.x, m = blockIdx.y, z = blockIdx.z;
+    const uint32_t m = blockIdx.y, z = blockIdx.z;
+    const uint32_t warps = THREADS / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t* meta = pick(z, m0, m1, m2);
     const uint32_t s = slot[m];
-    if (s == NO_SLOT || s >= S || j >= meta[s]) return;
+    if (s == NO_SLOT || s >= S) return;
+    const uint32_t rank = min(meta[s], R);
     const float scale = __uint_as_float(meta[S + s]);
     const T* xr = x + (size_t)m * K;
-    const T* ar = pick(z, a0, a1, a2) + ((size_t)s * R + j) * K;
-    float acc = 0.f;
-    for (uint32_t k0 = threadIdx.x * 8; k0 < K; k0 += THREADS * 8 * SHRINK_UNROLL) {
-        float xf[SHRINK_UNROLL][8], af[SHRINK_UNROLL][8];
+    const T* a = pick(z, a0, a1, a2) + (size_t)s * R * K;
+    float* t = pick(z, t0, t1, t2) + (size_t)m * R;
+    const uint32_t runs = K / 8;
+    for (uint32_t j = blockIdx.x * warps + warp; j < rank; j += gridDim.x * warps) {
+        const T* ar = a + (size_t)j * K;
+        float acc = 0.f;
+        for (uint32_t r0 = lane; r0 < runs; r0 += 32 * SHRINK_UNROLL) {
+            float xf[SHRINK_UNROLL][8], af[SHRINK_UNROLL][8];
 #pragma unroll
-        for (int u = 0; u < SHRINK_UNROLL; u++) {
-            const uint32_t k = k0 + u * THREADS * 8;
-            if (k < K) {
-                load8(xr + k, xf[u]);
-                load8(ar + k, af[u]);
+            for (int u = 0; u < SHRINK_UNROLL; u++) {
+                const uint32_t r = r0 + u * 32;
+                if (r < runs) {
+                    load8(xr + 8 * r, xf[u]);
+                    load8(ar + 8 * r, af[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < SHRINK_UNROLL; u++) {
+                if (r0 + u * 32 < runs) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc = fmaf(xf[u][e], af[u][e], acc);
+                }
             }
         }
 #pragma unroll
-        for (int u = 0; u < SHRINK_UNROLL; u++) {
-            if (k0 + u * THREADS * 8 < K) {
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc = fmaf(xf[u][e], af[u][e], acc);
-            }
-        }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-    __shared__ float part[THREADS / 32];
-    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < THREADS / 32; w++) v += part[w];
-        pick(z, t0, t1, t2)[(size_t)m * R + j] = scale * v;
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
+        if (lane == 0) t[j] = scale * acc;
     }
 }
 

@@ -86,6 +86,18 @@ fn cuda_without_the_feature_is_one_line() {
     );
 }
 
+/// `--gpu-memory-utilization` outside (0, 1] is one line, before any model is loaded (it was
+/// accepted and ignored before the KV pool was sized from it).
+#[test]
+fn gpu_memory_utilization_outside_zero_to_one_is_one_line() {
+    for v in ["0", "1.5", "NaN", "inf"] {
+        assert_one_line_error(
+            &["serve", "--model", "synthetic:tiny", "--gpu-memory-utilization", v],
+            "--gpu-memory-utilization",
+        );
+    }
+}
+
 /// Numeric serve flags that cannot be 0 are refused by the parser (0 divided by zero or left
 /// every request waiting), with the flag named and clap's usual exit code 2.
 #[test]

@@ -107,7 +107,7 @@ fn loadtest_against_lab_serve_writes_table_json_csv_and_svg() {
     let out = dir.join("results");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_lab"))
         .args(["loadtest", "--url", &s.url, "--qps", "2,4", "--duration", "3", "--warmup", "0.5"])
-        .args(["--models", "synthetic:tiny,alpha", "--input-len", "16", "--output-len", "8", "--out"])
+        .args(["--models", "synthetic:tiny,alpha", "--input-len", "64", "--output-len", "8", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -121,7 +121,13 @@ fn loadtest_against_lab_serve_writes_table_json_csv_and_svg() {
     for st in steps {
         assert!(st["completed"].as_u64().unwrap() > 0);
         assert_eq!(st["errors"].as_object().unwrap().len(), 0, "{st}");
+        // The engine-busy counter read at the window's edges: some work, never more than all.
+        let busy = st["busy"].as_f64().unwrap_or(-1.0);
+        assert!(busy > 0.0 && busy <= 1.0, "{st}");
     }
+    // Calibrated on the server's own tokens (byte-level or BPE): within a word of the target.
+    let tokens = json["synthetic_prompt_tokens"].as_u64().unwrap() as i64;
+    assert!((tokens - 64).abs() <= 6, "{tokens} prompt tokens for --input-len 64");
     let reqs = json["requests"].as_array().unwrap();
     assert!(reqs.iter().any(|r| r["model"] == "alpha") && reqs.iter().any(|r| r["model"] == "synthetic:tiny"));
     assert!(reqs.iter().all(|r| r["ok"] == true && r["output_tokens"] == 8), "every request streamed 8 tokens");

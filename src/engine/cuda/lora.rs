@@ -12,6 +12,8 @@ const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 const LORA_MODULE: &str = "lab_lora";
 /// Threads per block of both kernels (`THREADS` in the kernel).
 const THREADS: u32 = 128;
+/// Blocks of the shrink per row and projection (`SHRINK_GROUPS` in the kernel).
+const SHRINK_GROUPS: u32 = 4;
 /// Ranks the expand kernel keeps in shared memory.
 pub const MAX_RANK: usize = 256;
 
@@ -151,7 +153,7 @@ fn launch(y0: &mut CudaStorage, y0l: &Layout, args: &BgmvArgs) -> candle_core::R
     let (su, ku, ru) = (s_count as u32, k as u32, r as u32);
     let n_max = ns.iter().copied().max().unwrap_or(0);
     let grid = |x: u32| (x, m as u32, np as u32);
-    let shrink_cfg = LaunchConfig { grid_dim: grid(r as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let shrink_cfg = LaunchConfig { grid_dim: grid(SHRINK_GROUPS), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let expand_cfg =
         LaunchConfig { grid_dim: grid(n_max.div_ceil(THREADS * 8)), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let slot = slice::<u32>(&slot)?;
