@@ -133,10 +133,10 @@ pub fn run(s: &LoadtestSettings) -> Result<LoadtestResult, LoadtestError> {
         let mut summary = summarize_step(s, qps, &records);
         summary.busy = busy;
         steps.push(summary);
+        requests.extend(records);
         if s.until_saturated && stats::mark_saturation(&mut steps.clone(), s.slo_ms).is_some() {
             break;
         }
-        requests.extend(records);
     }
     for (i, &n) in s.concurrency.iter().enumerate() {
         let records = rt.block_on(closed_loop::run_step(s, &client, &pool, i, n));

@@ -34,7 +34,7 @@ pub struct StepSummary {
     pub offered_qps: f64,
     /// Closed-loop step: clients sending back to back.
     pub concurrency: Option<usize>,
-    /// Requests the drawn schedule put in the window, per second (the offered rate realized).
+    /// The rate the drawn schedule offered: the window's arrivals over the span they arrived in.
     pub scheduled_qps: f64,
     pub achieved_qps: f64,
     /// Requests scheduled in the measured window.
@@ -107,10 +107,25 @@ pub fn summarize(offered_qps: f64, duration_s: f64, samples: &[Sample]) -> StepS
     for x in samples.iter().filter(|x| !x.ok) {
         *s.errors.entry(x.error.unwrap_or("unknown").to_string()).or_default() += 1;
     }
-    // Achieved: completions over the time it took them to complete (at least the window).
-    let last_end = ok.iter().map(|x| x.scheduled_s + x.e2e_s).fold(duration_s, f64::max);
-    s.achieved_qps = s.completed as f64 / last_end.max(1e-9);
-    s.output_tokens_per_s = ok.iter().map(|x| x.output_tokens).sum::<usize>() as f64 / last_end.max(1e-9);
+    // Achieved: the completions' rate over the span they completed in, beside the arrivals'
+    // rate over the span they arrived in (`scheduled_qps`). A server that keeps up completes
+    // as fast as requests arrive, one latency later; one that falls behind spreads the same
+    // completions over a longer span. (Completions over window + tail, as before, read a
+    // server that keeps up with 1 s requests in a 15 s step as 7% behind: "saturated".)
+    let ends: Vec<f64> = ok.iter().map(|x| x.scheduled_s + x.e2e_s).collect();
+    let span = |v: &[f64]| v.iter().copied().fold(f64::MIN, f64::max) - v.iter().copied().fold(f64::MAX, f64::min);
+    let rate = |v: &[f64]| {
+        if v.len() >= 2 && span(v) > 0.0 {
+            (v.len() - 1) as f64 / span(v)
+        } else {
+            v.len() as f64 / duration_s
+        }
+    };
+    let arrivals: Vec<f64> = samples.iter().map(|x| x.scheduled_s).collect();
+    s.scheduled_qps = rate(&arrivals);
+    s.achieved_qps = rate(&ends);
+    let tokens = ok.iter().map(|x| x.output_tokens).sum::<usize>() as f64;
+    s.output_tokens_per_s = if s.completed > 0 { tokens * s.achieved_qps / s.completed as f64 } else { 0.0 };
     s.e2e = percentiles(ok.iter().map(|x| x.e2e_s));
     s.ttft = percentiles(ok.iter().filter_map(|x| x.ttft_s));
     s.tpot = percentiles(ok.iter().filter_map(|x| x.tpot_s));
@@ -172,6 +187,30 @@ mod tests {
             let want = exact(q);
             assert!((got - want).abs() <= want * 1e-3 + 1e-3, "q{q}: hdr {got} ms vs exact {want} ms");
         }
+    }
+
+    #[test]
+    fn a_server_that_keeps_up_with_long_requests_is_not_behind_and_one_whose_queue_grows_is() {
+        let sample = |t: f64, e2e: f64| Sample {
+            scheduled_s: t,
+            ok: true,
+            error: None,
+            e2e_s: e2e,
+            ttft_s: Some(0.05),
+            tpot_s: Some(0.01),
+            output_tokens: 128,
+            capped: false,
+            scored: None,
+            model: "m",
+        };
+        // 5 QPS for 15 s, every request 1.2 s: keeps up (the old rate read 93% of the offer).
+        let steady: Vec<Sample> = (0..75).map(|i| sample(i as f64 * 0.2, 1.2)).collect();
+        let s = summarize(5.0, 15.0, &steady);
+        assert!((s.achieved_qps / s.scheduled_qps - 1.0).abs() < 1e-9, "{} vs {}", s.achieved_qps, s.scheduled_qps);
+        // The same arrivals served 4 a second: the queue grows, completions spread out.
+        let behind: Vec<Sample> = (0..75).map(|i| sample(i as f64 * 0.2, 1.2 + i as f64 * (0.25 - 0.2))).collect();
+        let b = summarize(5.0, 15.0, &behind);
+        assert!((b.achieved_qps - 4.0).abs() < 1e-9 && b.achieved_qps < 0.95 * b.scheduled_qps, "{}", b.achieved_qps);
     }
 
     #[test]
