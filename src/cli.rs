@@ -124,8 +124,8 @@ pub struct ServeArgs {
     /// Positions per KV block.
     #[arg(long, default_value_t = 16, value_parser = count(1..=1024))]
     pub block_size: usize,
-    /// Waiting requests at most; beyond, 503 with Retry-After.
-    #[arg(long, default_value_t = 1024, value_parser = count(1..=1 << 20))]
+    /// Waiting requests at most; beyond, 503 with Retry-After (0: every request gets it).
+    #[arg(long, default_value_t = 1024, value_parser = count(0..=1 << 20))]
     pub max_waiting: usize,
     /// Waiting requests per tenant (the model, the base or one adapter, unless the request
     /// sends `x-tenant-id` or `user`) at most; beyond, 429 with Retry-After, so one tenant's

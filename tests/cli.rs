@@ -129,7 +129,7 @@ fn zero_sized_serve_flags_are_refused() {
         ("--max-cpu-loras", false),
         ("--max-model-len", false),
         ("--kv-cache-memory", false),
-        ("--max-waiting", false),
+        ("--max-waiting", true), // 0: a 503 for every request (tests/serve.rs uses it)
         ("--max-waiting-per-model", false),
         ("--max-running-per-tenant", false),
         ("--max-body-bytes", false),
