@@ -37,9 +37,22 @@ pub enum Command {
     Datasets(DatasetsArgs),
 }
 
-/// A `usize` flag that must be at least 1 (0 would divide by zero or never schedule anything).
-fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+/// A `usize` flag within `range`: every count `lab serve` takes has a floor (0 divides by zero
+/// or schedules nothing) and a ceiling far past any real deployment (a huge value overflowed
+/// sizes and deadlines computed from it).
+fn count(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(range)
+}
+
+/// `--kv-cache-memory`: a size (as `commands::serve` parses it) from 1 byte to 16 TiB; a
+/// pool too small for one KV block is refused once the model's block size is known.
+fn kv_cache_memory(s: &str) -> Result<String, String> {
+    const MAX: usize = 16 << 40;
+    match crate::commands::serve::parse_bytes(s) {
+        Ok(n) if (1..=MAX).contains(&n) => Ok(s.to_string()),
+        Ok(n) => Err(format!("{n} bytes is not in 1 B..=16 TiB")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `lab datasets generate`.
@@ -86,39 +99,39 @@ pub struct ServeArgs {
     #[arg(long)]
     pub enable_lora_runtime_updates: bool,
     /// Adapter slots on the device (adapters in one batch at most).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count(1..=1024))]
     pub max_loras: usize,
     /// Parsed adapters kept in host memory (default: 4 x --max-loras).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1..=65_536))]
     pub max_cpu_loras: Option<usize>,
-    #[arg(long, default_value_t = 16, value_parser = at_least_one())]
+    #[arg(long, default_value_t = 16, value_parser = count(1..=1024))]
     pub max_lora_rank: usize,
     /// Sequences in the running batch at most.
-    #[arg(long, default_value_t = 256, value_parser = at_least_one())]
+    #[arg(long, default_value_t = 256, value_parser = count(1..=65_536))]
     pub max_num_seqs: usize,
     /// Context length (prompt + output) at most (default: the model's, capped by the KV cache).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1..=1 << 24))]
     pub max_model_len: Option<usize>,
     /// Tokens in one step at most (prefill chunks + decode tokens).
-    #[arg(long, default_value_t = 512, value_parser = at_least_one())]
+    #[arg(long, default_value_t = 512, value_parser = count(1..=1 << 20))]
     pub max_num_batched_tokens: usize,
     /// Share of device memory the server may hold (CUDA): the KV cache gets what the weights,
     /// the adapter slots and a profiled peak step leave of it. --kv-cache-memory overrides it.
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
     /// KV cache size, e.g. 2GiB or 512MiB (default on CPU: 1GiB).
-    #[arg(long)]
+    #[arg(long, value_parser = kv_cache_memory)]
     pub kv_cache_memory: Option<String>,
     /// Positions per KV block.
-    #[arg(long, default_value_t = 16, value_parser = at_least_one())]
+    #[arg(long, default_value_t = 16, value_parser = count(1..=1024))]
     pub block_size: usize,
-    /// Waiting requests at most; beyond, 503 with Retry-After.
-    #[arg(long, default_value_t = 1024)]
+    /// Waiting requests at most; beyond, 503 with Retry-After (0: every request gets it).
+    #[arg(long, default_value_t = 1024, value_parser = count(0..=1 << 20))]
     pub max_waiting: usize,
     /// Waiting requests per tenant (the model, the base or one adapter, unless the request
     /// sends `x-tenant-id` or `user`) at most; beyond, 429 with Retry-After, so one tenant's
     /// burst cannot take every place (default: --max-waiting).
-    #[arg(long, visible_alias = "max-waiting-per-tenant", value_parser = at_least_one())]
+    #[arg(long, visible_alias = "max-waiting-per-tenant", value_parser = count(1..=1 << 20))]
     pub max_waiting_per_model: Option<usize>,
     /// Token bucket per tenant: TOKENS_PER_S[:BURST] (burst default: one second's worth). A
     /// request costs its prompt + max_tokens when it is queued (the unused max_tokens come back
@@ -127,16 +140,16 @@ pub struct ServeArgs {
     pub tenant_rate_limit: Option<crate::serve::ratelimit::RateLimit>,
     /// Times a request may be passed over (a later arrival admitted first, e.g. for a resident
     /// adapter) before it goes first and no new request may pin a slot until it has one.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = count(0..=1_000_000))]
     pub max_wait_steps: usize,
     /// Bearer token required on /v1/*.
     #[arg(long, env = "LAB_API_KEY")]
     pub api_key: Option<String>,
     /// Request body size limit in bytes (413 beyond).
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = 4 << 20, value_parser = count(1024..=1 << 30))]
     pub max_body_bytes: usize,
     /// Seconds in-flight requests get after SIGTERM / Ctrl-C.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub shutdown_timeout: u64,
     /// Run every decode step eagerly (no CUDA graphs), as vLLM's flag.
     #[arg(long)]
@@ -153,19 +166,19 @@ pub struct ServeArgs {
     #[arg(long, default_value = "fcfs")]
     pub scheduling_policy: crate::engine::scheduler::fair::Policy,
     /// Running sequences of one tenant (`x-tenant-id`, else `user`, else the model) at most.
-    #[arg(long, value_parser = at_least_one())]
+    #[arg(long, value_parser = count(1..=65_536))]
     pub max_running_per_tenant: Option<usize>,
     /// Seconds a client has to send a request's line and headers (from its first byte), and
     /// again its body (after the headers); the connection is closed (or the request gets a
     /// 400) past it.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_timeout: u64,
     /// Seconds a connection may stay open with no request in flight and none arriving.
-    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout: u64,
     /// Open connections at most (kept below the file-descriptor limit); beyond, a new
     /// connection gets a 503 at once.
-    #[arg(long, default_value_t = 4096, value_parser = at_least_one())]
+    #[arg(long, default_value_t = 4096, value_parser = count(1..=1 << 20))]
     pub max_connections: usize,
 }
 

@@ -18,7 +18,7 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| exit_on_bad_args(e));
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&args),
         Command::TrainLora(args) => commands::train::run(&args),
@@ -37,4 +37,25 @@ fn main() {
         }
         std::process::exit(2);
     }
+}
+
+/// `--help` and `--version` as clap prints them; any other argument error as one line (the
+/// message and its details, without the usage block and the help hint), exit code 2.
+fn exit_on_bad_args(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    eprintln!("{}", parts.join(" "));
+    std::process::exit(2);
 }

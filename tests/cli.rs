@@ -98,25 +98,88 @@ fn gpu_memory_utilization_outside_zero_to_one_is_one_line() {
     }
 }
 
-/// Numeric serve flags that cannot be 0 are refused by the parser (0 divided by zero or left
-/// every request waiting), with the flag named and clap's usual exit code 2.
+/// `lab <args>` given at most `secs` (then killed: code -1), for flags that a server which
+/// accepted them would serve on for ever.
+fn lab_within(args: &[&str], secs: u64) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lab"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code().unwrap_or(-1);
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break -1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (code, err)
+}
+
+/// Every numeric serve flag has a range, refused by the parser in one line naming the flag,
+/// with clap's exit code 2: 0 where 0 means nothing (it divided by zero or left
+/// every request waiting) and a huge value (a huge --block-size overflowed the block's bytes,
+/// a huge --idle-timeout `Instant + Duration`, others started a server that could not work).
 #[test]
 fn zero_sized_serve_flags_are_refused() {
-    for flag in [
-        "--block-size",
-        "--max-num-seqs",
-        "--max-num-batched-tokens",
-        "--max-lora-rank",
-        "--header-timeout",
-        "--idle-timeout",
-        "--max-connections",
-        "--max-waiting-per-model",
-        "--tenant-rate-limit",
-    ] {
-        let (code, _, err) = lab(&["serve", "--model", "synthetic:tiny", flag, "0"]);
-        assert_eq!(code, 2, "{flag}: {err}");
-        assert!(err.contains(flag) && !err.contains("panicked"), "{flag}: {err}");
+    let huge = ["100000000000", "18446744073709551615"];
+    let flags: [(&str, bool); 19] = [
+        ("--block-size", false),
+        ("--max-num-seqs", false),
+        ("--max-num-batched-tokens", false),
+        ("--max-lora-rank", false),
+        ("--max-loras", false),
+        ("--max-cpu-loras", false),
+        ("--max-model-len", false),
+        ("--kv-cache-memory", false),
+        ("--max-waiting", true), // 0: a 503 for every request (tests/serve.rs uses it)
+        ("--max-waiting-per-model", false),
+        ("--max-running-per-tenant", false),
+        ("--max-body-bytes", false),
+        ("--header-timeout", false),
+        ("--idle-timeout", false),
+        ("--max-connections", false),
+        ("--tenant-rate-limit", false),
+        ("--max-wait-steps", true),
+        ("--shutdown-timeout", true),
+        ("--port", true),
+    ];
+    for (flag, zero_ok) in flags {
+        // Sizes with a unit: 20000 GiB is past the 16 TiB ceiling.
+        let huge = if flag == "--kv-cache-memory" { ["20000GiB", huge[1]] } else { huge };
+        let tries = huge.into_iter().chain((!zero_ok).then_some("0"));
+        for value in tries {
+            let mut args = vec!["serve", "--model", "synthetic:tiny"];
+            if flag != "--port" {
+                args.extend(["--port", "0"]);
+            }
+            args.extend([flag, value]);
+            let (code, err) = lab_within(&args, 60);
+            assert_eq!(code, 2, "{flag} {value}: {err}");
+            assert_eq!(err.trim().lines().count(), 1, "{flag} {value}: one line: {err}");
+            assert!(err.starts_with("error:") && err.contains(flag), "{flag} {value}: {err}");
+            assert!(!err.contains("panicked"), "{flag} {value}: {err}");
+        }
     }
+    for rate in ["1e-300", "1e300", "5:1e300"] {
+        let (code, err) = lab_within(&["serve", "--model", "synthetic:tiny", "--tenant-rate-limit", rate], 60);
+        assert!(code == 2 && err.contains("--tenant-rate-limit"), "{rate}: {err}");
+    }
+    // A pool smaller than one KV block is refused once the block's size is known.
+    let (code, err) =
+        lab_within(&["serve", "--model", "synthetic:tiny", "--port", "0", "--kv-cache-memory", "100"], 60);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!((code, errors.len()), (2, 1), "{err}");
+    assert!(errors[0].contains("holds no block") && errors[0].contains("--kv-cache-memory"), "{err}");
 }
 
 /// `lab eval --show-errors` lists every miss with the question, the expected answer, what came

@@ -222,7 +222,24 @@ fn every_refusal_names_its_cause() {
     });
     let m = LoraAdapter::load(&dir, model.config(), 16, DType::F16, &Device::Cpu).unwrap_err().to_string();
     assert!(m.contains("NaN or Inf") && m.contains("v_proj") && m.contains("F16"), "{m}");
-    assert!(LoraAdapter::load(&dir, model.config(), 16, DType::F32, &Device::Cpu).is_ok(), "fine in f32");
+    // Finite in every dtype but huge: refused by the magnitude bound on the factors (f32 let
+    // 1e30 through, and its first forward gave NaN logits).
+    for (v, refused) in [(1e30f32, true), (1e6, true), (9e3, false)] {
+        edit_tensors(&dir, |t| {
+            let k = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight".to_string();
+            let mut w = t[&k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            w[0] = v;
+            t.insert(k.clone(), Tensor::from_vec(w, t[&k].shape(), &Device::Cpu).unwrap());
+        });
+        match LoraAdapter::load(&dir, model.config(), 16, DType::F32, &Device::Cpu) {
+            Err(e) if refused => {
+                let m = e.to_string();
+                assert!(m.contains("v_proj") && m.contains("above the bound") && m.contains("1e4"), "{v}: {m}");
+            }
+            Ok(_) if !refused => {}
+            other => panic!("{v}: {:?}", other.map(|_| ())),
+        }
+    }
     // A weights file larger than any adapter this base accepts is refused before it is read.
     let m = refusal("huge", |d| {
         let f = std::fs::OpenOptions::new().append(true).open(d.join("adapter_model.safetensors")).unwrap();

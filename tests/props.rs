@@ -300,14 +300,17 @@ fn damaged_adapter_files_are_a_lora_error_never_a_panic() {
                         prop_assert!(!e.to_string().is_empty());
                         refused.set(refused.get() + 1);
                     }
-                    // What loads must be servable: rank in range, every weight finite.
+                    // What loads must be servable: rank in range, every weight finite and
+                    // within the bound on factors.
                     Ok(Ok(a)) => {
                         prop_assert!((1..=16).contains(&a.rank()), "{damages:?}");
                         for (a_w, b_w) in a.weights.values() {
                             for t in [a_w, b_w] {
                                 let v =
                                     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                                prop_assert!(v.iter().all(|x| x.is_finite()), "non-finite weights loaded: {damages:?}");
+                                let bound = lab::engine::lora::MAX_LORA_WEIGHT as f32;
+                                let ok = |x: &f32| x.is_finite() && x.abs() <= bound;
+                                prop_assert!(v.iter().all(ok), "non-finite or huge weights loaded: {damages:?}");
                             }
                         }
                     }

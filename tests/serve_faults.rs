@@ -93,3 +93,155 @@ fn a_corrupt_adapter_is_a_400_naming_the_cause_until_its_files_are_fixed() {
     assert!(t0.elapsed() >= Duration::from_secs(3), "retried at most every 5 s, not on every request");
     assert_eq!(model_ids(&s), vec![BASE.to_string(), "flaky".to_string()]);
 }
+
+/// A tiny adapter whose MLP factors are all at the load bound (1e4) with scale 1000 (its
+/// attention factors 0): it loads, every value finite and within the bounds, and overflows f32
+/// in its first forward (gate * up ~ 1e24, then down ~ 1e38 * S^2, S the sum of a normed
+/// hidden state), so a row on it has non-finite logits and cannot be sampled.
+pub fn overflowing_adapter(dir: &Path) -> std::path::PathBuf {
+    let a = tiny_adapter(dir, 21);
+    crate::util::edit_tensors(&a, |t| {
+        for (k, w) in t.iter_mut() {
+            let v = if k.contains(".mlp.") { 1e4 } else { 0.0 };
+            *w = (w.ones_like().unwrap() * v).unwrap();
+        }
+    });
+    crate::util::edit_config(&a, |v| v["lora_alpha"] = json!(8000.0)); // r = 8: scale 1000
+    a
+}
+
+/// 4 greedy streams on the base model, with `poison` run meanwhile; their texts and finish
+/// reasons, and whether `poison` was over before the first of them ended.
+fn four_streams(s: &Server, poison: impl FnOnce()) -> (Vec<(String, String)>, bool) {
+    std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..4)
+            .map(|i| {
+                let mut b = chat_body(BASE, &format!("neighbour {i}"), 1000);
+                b["stream"] = json!(true);
+                scope.spawn(move || (s.chat_stream(&b), std::time::Instant::now()))
+            })
+            .collect();
+        assert!(wait_until(60, || s.metric("vllm:num_requests_running") >= 4.0), "the 4 are running");
+        poison();
+        let poisoned = std::time::Instant::now();
+        let mut overlapped = true;
+        let outs = hs
+            .into_iter()
+            .map(|h| {
+                let ((text, finish, events), ended) = h.join().unwrap();
+                assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+                overlapped &= poisoned < ended;
+                (text, finish)
+            })
+            .collect();
+        (outs, overlapped)
+    })
+}
+
+/// An adapter that loads but overflows at run time: its request (sampled, temperature 1) gets
+/// a one-line 500 while 4 neighbours finish with the text they have without it, and /health
+/// stays 200 (the row's failure panicked the engine thread: the step indexed the ended row).
+#[test]
+fn a_request_whose_logits_overflow_at_run_time_fails_alone() {
+    let dir = temp_dir("faults-overflow");
+    let a = overflowing_adapter(&dir.join("overflow"));
+    let s = &Server::tiny(&["--lora-modules", &format!("overflow={}", a.display())]);
+    let (clean, _) = four_streams(s, || {});
+    let (poisoned, overlapped) = four_streams(s, || {
+        for _ in 0..3 {
+            let mut body = chat_body("overflow", "hello", 8);
+            body["temperature"] = json!(1.0);
+            let (status, v) = s.post("/v1/chat/completions", &body);
+            assert_eq!(status, 500, "{v}");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("sampling failed for this request") && !msg.contains('\n'), "{msg}");
+        }
+    });
+    assert_eq!(clean, poisoned, "the neighbours' text changed");
+    assert!(overlapped, "the poison must be answered while the 4 still run (make them longer)");
+    assert_eq!(client().get(format!("{}/health", s.url)).send().unwrap().status().as_u16(), 200);
+    assert_eq!(s.chat(BASE, "neighbour 0", 4).1, "length", "the server answers normally afterwards");
+}
+
+/// With the fault hook `LAB_FAULT_PANIC_ON_MODEL=boom`, a request for `boom` panics the engine
+/// thread: a stream running meanwhile gets an error event and `[DONE]`, the `boom` request a
+/// 503 saying so, `/health` answers 503, and the process exits with code 70 (the requests
+/// used to hang until the exit cut their connections).
+#[test]
+fn when_the_engine_thread_dies_every_request_is_answered_and_the_process_exits_70() {
+    let dir = temp_dir("faults-death");
+    let a = tiny_adapter(&dir.join("boom"), 5);
+    let boom = format!("boom={}", a.display());
+    let mut s = Server::start_after(
+        "export LAB_FAULT_PANIC_ON_MODEL=boom",
+        &["serve", "--model", "synthetic:tiny", "--port", "0", "--kv-cache-memory", "64MiB", "--lora-modules", &boom],
+    );
+    let health = std::sync::Mutex::new(Vec::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sr = &s;
+        let stream = scope.spawn(move || {
+            let mut b = chat_body(BASE, "a long answer", 1500);
+            b["stream"] = json!(true);
+            sr.chat_stream(&b).2
+        });
+        assert!(wait_until(60, || sr.metric("vllm:num_requests_running") >= 1.0), "the stream is running");
+        let (health, stop) = (&health, &stop);
+        scope.spawn(move || {
+            let t0 = std::time::Instant::now(); // bounded, so a failed assertion cannot hang the scope
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(120) {
+                match client().get(format!("{}/health", sr.url)).send() {
+                    Ok(r) => health.lock().unwrap().push(r.status().as_u16()),
+                    Err(_) => break, // the process is gone
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let (status, v) = sr.post("/v1/chat/completions", &chat_body("boom", "hello", 4));
+        assert_eq!(status, 503, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("engine thread died"), "{v}");
+        let events = stream.join().unwrap();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+        let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert!(err["error"]["message"].as_str().unwrap().contains("engine thread died"), "{err}");
+        assert!(wait_until(30, || health.lock().unwrap().contains(&503)), "/health never answered 503");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(s.wait_exit(60), Some(70));
+}
+
+/// A runtime-loaded adapter whose weights file is swapped for a symlink out of the allowed
+/// roots after the load: the next read (after an eviction from the one host and device slot)
+/// is refused, naming the cause, and the adapter is no longer served (the roots were checked
+/// once at load and every later read followed the symlink).
+#[test]
+fn a_symlink_swapped_in_after_a_runtime_load_is_refused_at_the_next_read() {
+    let root = temp_dir("faults-swap");
+    let outside = temp_dir("faults-swap-outside");
+    let a = tiny_adapter(&root.join("a"), 1);
+    let b = tiny_adapter(&root.join("b"), 2);
+    let x = tiny_adapter(&outside.join("x"), 3);
+    let s = Server::tiny(&[
+        "--enable-lora-runtime-updates",
+        "--allowed-lora-dirs",
+        root.to_str().unwrap(),
+        "--max-loras",
+        "1",
+        "--max-cpu-loras",
+        "1",
+    ]);
+    for (name, path) in [("a", &a), ("b", &b)] {
+        let (status, v) = s.post("/v1/load_lora_adapter", &json!({"lora_name": name, "lora_path": path}));
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(s.chat("a", "hello", 4).1, "length");
+    let weights = a.join("adapter_model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    std::os::unix::fs::symlink(x.join("adapter_model.safetensors"), &weights).unwrap();
+    assert_eq!(s.chat("b", "hello", 4).1, "length", "b takes the only slot and host place");
+    let (status, v) = s.post("/v1/chat/completions", &chat_body("a", "hello", 4));
+    assert_eq!((status, v["error"]["code"].as_str()), (400, Some("adapter_load_failed")), "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("outside the allowed roots") && msg.contains("adapter_model.safetensors"), "{msg}");
+    assert_eq!(model_ids(&s), vec![BASE.to_string(), "b".to_string()], "a is not listed");
+}

@@ -86,6 +86,12 @@ fn poison(s: &Server, greedy: &str, bad: &[(&str, std::path::PathBuf)]) {
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400, "malformed JSON");
+    // An adapter that loads but overflows at run time: its sampled row fails alone.
+    let mut body = chat_body("overflow", "poison", 8);
+    body["temperature"] = json!(1.0);
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 500, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("sampling failed"), "{v}");
     // An adapter whose files turned corrupt after start.
     let (status, v) = s.post("/v1/chat/completions", &chat_body("flaky", "poison", 8));
     assert_eq!((status, v["error"]["code"].as_str()), (400, Some("adapter_load_failed")), "{v}");
@@ -110,10 +116,12 @@ fn eight_streams_end_with_the_same_text_whatever_poison_arrives_meanwhile() {
     let dir = temp_dir("serve-poison");
     let good = tiny_adapter(&dir.join("good"), 1);
     let flaky = tiny_adapter(&dir.join("flaky"), 2);
+    let overflow = crate::serve_faults::overflowing_adapter(&dir.join("overflow"));
     let s = &Server::tiny(&[
         "--lora-modules",
         &format!("good={}", good.display()),
         &format!("flaky={}", flaky.display()),
+        &format!("overflow={}", overflow.display()),
         "--enable-lora-runtime-updates",
         "--allowed-lora-dirs",
         dir.to_str().unwrap(),

@@ -59,6 +59,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let block_bytes = PagedKvCache::block_bytes(&cfg, args.block_size, dtype);
     let kv_blocks = kv_bytes / block_bytes;
     let kv_tokens = kv_blocks * args.block_size;
+    if kv_blocks == 0 {
+        bail!(
+            "the KV cache holds no block (one of {} positions takes {block_bytes} bytes): raise --kv-cache-memory",
+            args.block_size
+        );
+    }
     let max_model_len = args.max_model_len.unwrap_or(cfg.max_position_embeddings.min(kv_tokens));
     if max_model_len > kv_tokens {
         bail!(
@@ -150,7 +156,7 @@ fn scan_lora_dir(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
 }
 
 /// `2GiB`, `512MiB`, `1.5GB`, `1073741824`.
-fn parse_bytes(s: &str) -> anyhow::Result<usize> {
+pub(crate) fn parse_bytes(s: &str) -> anyhow::Result<usize> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

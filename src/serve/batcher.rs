@@ -30,7 +30,9 @@ use crate::engine::text::tokenizer::Tokenizer;
 use crate::engine::Llama;
 use crate::openai::Usage;
 
+mod death;
 mod step;
+pub use death::{ENGINE_DEATH_EXIT, FAULT_PANIC_ENV};
 use step::capture_graphs;
 
 /// What a request's channel receives.
@@ -175,30 +177,15 @@ pub fn spawn(
             next_id: 0,
             queue: engine_queue,
             graphs,
+            fault_panic: death::fault_panic_model(),
         };
         let _ = ready_tx.send(());
-        supervised(|| state.run(rx), || on_engine_death(&metrics));
+        if death::panicked(|| state.run(&rx)) {
+            death::on_engine_death(&metrics, std::mem::take(&mut state.live), rx);
+        }
     })?;
     let _ = ready_rx.recv(); // an error here means the thread died: requests will see it
     Ok((EngineHandle { tx, queue }, join))
-}
-
-/// Runs `body`; if it panics, logs the panic and calls `on_death` (which may not return).
-fn supervised(body: impl FnOnce(), on_death: impl FnOnce()) {
-    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
-        tracing::error!("the engine thread panicked: {}", crate::engine::lora::registry::panic_text(&*p));
-        on_death();
-    }
-}
-
-/// A dead engine must not look alive: `/health` turns 503, the requests it held have already
-/// seen their channels close (unwinding dropped them), and the process exits non-zero so an
-/// orchestrator restarts it.
-fn on_engine_death(metrics: &Metrics) {
-    metrics.update(|m| m.engine_alive = false);
-    eprintln!("lab serve: the engine thread died; /health answers 503; exiting with code 70");
-    std::thread::sleep(Duration::from_millis(500)); // let handlers send their errors
-    std::process::exit(70);
 }
 
 struct EngineState {
@@ -208,10 +195,12 @@ struct EngineState {
     live: BTreeMap<SeqId, Live>,
     next_id: SeqId,
     graphs: Option<DecodeGraphs>,
+    /// [`FAULT_PANIC_ENV`]: a test's fault-injection hook, `None` unless set.
+    fault_panic: Option<String>,
 }
 
 impl EngineState {
-    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+    fn run(&mut self, rx: &mpsc::Receiver<Command>) {
         loop {
             // Idle: block until there is work; busy: take what arrived and keep stepping.
             if self.live.is_empty() {
@@ -356,7 +345,7 @@ impl EngineState {
     /// Handles one sampled token of `id`: stream its text, finish on EOS / stop / length.
     fn emit(&mut self, id: SeqId, tok: u32) -> crate::engine::Result<()> {
         let now = Instant::now();
-        let live = self.live.get_mut(&id).expect("sampled requests are live");
+        let Some(live) = self.live.get_mut(&id) else { return Ok(()) };
         match live.last_token {
             None => self.e.metrics.update(|m| m.ttft.observe((now - live.req.arrived).as_secs_f64())),
             Some(t) => self.e.metrics.update(|m| m.tpot.observe((now - t).as_secs_f64())),
@@ -468,20 +457,5 @@ impl EngineState {
             m.adapter_evictions = evictions;
             m.engine_updated_at = super::metrics::unix_seconds();
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_panicking_engine_body_reaches_its_death_handler() {
-        let died = std::cell::Cell::new(false);
-        supervised(|| panic!("boom"), || died.set(true));
-        assert!(died.get());
-        let died = std::cell::Cell::new(false);
-        supervised(|| {}, || died.set(true));
-        assert!(!died.get(), "a normal return is not a death");
     }
 }

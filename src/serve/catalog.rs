@@ -94,6 +94,15 @@ impl AllowedRoots {
         roots.iter().map(|r| r.canonicalize()).collect::<std::io::Result<Vec<_>>>().map(Self)
     }
 
+    /// The roots a load of the adapter registered at `dir` is confined to: all of them when
+    /// `dir` lies inside one as written (runtime loads register the canonical path
+    /// [`AllowedRoots::check`] returned, `--lora-dir` folders their root's canonical path
+    /// joined with their name), else none (a `--lora-modules` path elsewhere is the
+    /// operator's). Decided on the registered path, never on where it resolves at read time.
+    pub fn confining(&self, dir: &Path) -> Option<&[PathBuf]> {
+        self.0.iter().any(|r| dir.starts_with(r)).then_some(self.0.as_slice())
+    }
+
     /// The canonical form of `path` if it lies inside a root after `..` and symlinks are
     /// resolved; otherwise a 400 that says why.
     pub fn check(&self, path: &str) -> Result<PathBuf, ApiError> {

@@ -96,13 +96,23 @@ pub enum ServeError {
 /// Runs the server until SIGTERM / Ctrl-C; in-flight requests get `shutdown_timeout` to finish.
 pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) -> Result<(), ServeError> {
     let cfg = loaded.model.config().clone();
-    let check = |path: &PathBuf| LoraAdapter::load(path, &cfg, s.max_lora_rank, DType::F32, &Device::Cpu);
+    let roots = Arc::new(catalog::AllowedRoots::new(&s.allowed_roots).map_err(ServeError::Root)?);
+    // The same confinement at start-up as for every later read (see `AllowedRoots::confining`).
+    let check = |path: &PathBuf| {
+        LoraAdapter::load_within(path, roots.confining(path), &cfg, s.max_lora_rank, DType::F32, &Device::Cpu)
+    };
     let mut modules = Vec::with_capacity(s.lora_modules.len() + s.lora_dir_modules.len());
     for (name, path) in &s.lora_modules {
         check(path).map_err(|source| ServeError::Adapter { name: name.clone(), path: path.clone(), source })?;
         modules.push((name.clone(), path.clone()));
     }
     for (name, path) in &s.lora_dir_modules {
+        // Under the root's canonical path, so its reads are confined to the roots even when
+        // the folder itself is (or turns into) a symlink.
+        let path = &match (path.parent().map(std::path::Path::canonicalize), path.file_name()) {
+            (Some(Ok(root)), Some(leaf)) => root.join(leaf),
+            _ => path.clone(),
+        };
         match check(path) {
             Ok(_) if !modules.iter().any(|(n, _)| n == name) => modules.push((name.clone(), path.clone())),
             Ok(_) => eprintln!("lab serve: skipping {} in --lora-dir: the name {name} is taken", path.display()),
@@ -113,9 +123,13 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
     let metrics = Arc::new(metrics::Metrics::new(&s.served_model_name, s.kv_blocks, s.max_loras));
     let tokenizer = Arc::new(loaded.tokenizer);
     let bank = SlotBank::new(&cfg, s.max_loras, s.max_lora_rank, dtype, &device)?;
-    let (lcfg, rank) = (cfg.clone(), s.max_lora_rank);
+    let (lcfg, rank, lroots) = (cfg.clone(), s.max_lora_rank, roots.clone());
     // The host tier holds adapters in host memory (run dtype); a copy-in uploads into a slot.
-    let loader = Box::new(move |p: &std::path::Path| LoraAdapter::load(p, &lcfg, rank, dtype, &Device::Cpu));
+    // Every read (the first, and each after an eviction or a failed load) opens the files
+    // again and checks where they really are.
+    let loader = Box::new(move |p: &std::path::Path| {
+        LoraAdapter::load_within(p, lroots.confining(p), &lcfg, rank, dtype, &Device::Cpu)
+    });
     let mut registry = AdapterRegistry::new(
         RegistryConfig {
             max_loras: s.max_loras,
@@ -156,7 +170,7 @@ pub fn run(s: ServeSettings, loaded: LoadedModel, device: Device, dtype: DType) 
         engine: handle,
         catalog,
         metrics,
-        roots: catalog::AllowedRoots::new(&s.allowed_roots).map_err(ServeError::Root)?,
+        roots,
         runtime_updates: s.runtime_updates,
         api_key: s.api_key.clone(),
         model_cfg: cfg,

@@ -33,7 +33,9 @@ pub struct RateLimit {
 
 /// A `--tenant-rate-limit` value that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("expected TOKENS_PER_S[:BURST] with TOKENS_PER_S > 0 and BURST >= 1 (e.g. 500 or 500:4000), got `{0}`")]
+#[error(
+    "expected TOKENS_PER_S[:BURST] with TOKENS_PER_S in 0.001..=1e9 and BURST in 1..=1e12 (e.g. 500 or 500:4000), got `{0}`"
+)]
 pub struct BadRateLimit(String);
 
 impl FromStr for RateLimit {
@@ -49,7 +51,9 @@ impl FromStr for RateLimit {
             Some(b) => b.trim().parse().map_err(|_| bad())?,
             None => rate.max(1.0),
         };
-        if !(rate.is_finite() && rate > 0.0 && burst.is_finite() && burst >= 1.0) {
+        // Bounded both ways: a rate near 0 made a refusal's wait (burst / rate seconds)
+        // overflow `Duration`, and a huge one or burst means no limit at all.
+        if !((1e-3..=1e9).contains(&rate) && (1.0..=1e12).contains(&burst)) {
             return Err(bad());
         }
         Ok(RateLimit { tokens_per_s: rate, burst })

@@ -30,7 +30,7 @@ pub struct AppState {
     pub engine: EngineHandle,
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
-    pub roots: AllowedRoots,
+    pub roots: Arc<AllowedRoots>,
     /// `--enable-lora-runtime-updates`.
     pub runtime_updates: bool,
     pub api_key: Option<String>,
@@ -214,11 +214,13 @@ async fn load_adapter(
     }
     let path = st.roots.check(&req.lora_path)?;
     // Parse and check it now, so a bad adapter is a 400 here rather than failed requests later.
-    let (cfg, rank, p) = (st.model_cfg.clone(), st.max_lora_rank, path.clone());
-    tokio::task::spawn_blocking(move || LoraAdapter::load(&p, &cfg, rank, DType::F32, &Device::Cpu))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::bad("lora_path", e.to_string()))?;
+    let (cfg, rank, p, roots) = (st.model_cfg.clone(), st.max_lora_rank, path.clone(), st.roots.clone());
+    tokio::task::spawn_blocking(move || {
+        LoraAdapter::load_within(&p, roots.confining(&p), &cfg, rank, DType::F32, &Device::Cpu)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::bad("lora_path", e.to_string()))?;
     st.engine.register(&name, path.clone()).await?;
     st.catalog.insert(&name, &path);
     tracing::info!(adapter = %name, path = %path.display(), "adapter loaded");

@@ -134,6 +134,7 @@ pub fn sse(req: &ValidRequest, rx: UnboundedReceiver<Event>) -> Sse<impl Stream<
                 None => {
                     let e = ApiError::Internal("the engine dropped the request".into());
                     queue.push_back(serde_json::to_string(&e.body()).expect("error serializes"));
+                    queue.push_back("[DONE]".into());
                     done = true;
                 }
             }

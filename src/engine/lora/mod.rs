@@ -110,14 +110,18 @@ pub enum LoraError {
     ShapeMismatch(String),
     #[error("adapter weight {0} contains NaN or Inf")]
     NonFinite(String),
+    #[error(
+        "adapter weight {name} has a value of magnitude {max:e}, above the bound {bound:e} on LoRA factors (PEFT adapters stay below about 10)",
+        bound = MAX_LORA_WEIGHT
+    )]
+    WeightTooLarge { name: String, max: f64 },
+    #[error("{path} resolves to {real}, outside the allowed roots")]
+    OutsideRoots { path: PathBuf, real: PathBuf },
     #[error("io error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
-
-/// Largest `adapter_config.json` read.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Largest `adapter_model.safetensors` an adapter of rank `max_rank` on every projection of
 /// `cfg` can be: f64 factors (the widest dtype a PEFT file may hold) plus 1 MiB of header.
@@ -128,6 +132,13 @@ fn max_weights_bytes(cfg: &LlamaConfig, max_rank: usize) -> u64 {
 
 /// Largest |LoRA scale| accepted at load.
 pub const MAX_LORA_SCALE: f64 = 1000.0;
+
+/// Largest |value| of a LoRA factor (A or B) accepted at load, whatever the run dtype: an
+/// element of `scale * B A` is then at most `MAX_LORA_SCALE * r * MAX_LORA_WEIGHT^2`, about
+/// 1e14 * r, far inside f32 and bf16 (whose checks on finiteness alone let 1e30 through and
+/// NaN out of the first forward). It bounds the factors, not the activations they meet: an
+/// adapter within it can still overflow at run time, which fails that request alone.
+pub const MAX_LORA_WEIGHT: f64 = 1e4;
 
 /// `adapter_config.json` (the fields that change the math, plus what refusals need).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -294,40 +305,31 @@ impl LoraAdapter {
         dtype: DType,
         device: &Device,
     ) -> Result<Self, LoraError> {
-        let config_path = dir.join("adapter_config.json");
-        let weights_path = dir.join("adapter_model.safetensors");
-        if !weights_path.is_file() && dir.join("adapter_model.bin").is_file() {
-            return Err(LoraError::BinFormat(dir.join("adapter_model.bin")));
-        }
-        if !config_path.is_file() || !weights_path.is_file() {
-            return Err(LoraError::NotFound(dir.to_path_buf()));
-        }
+        Self::load_within(dir, None, cfg, max_rank, dtype, device)
+    }
+
+    /// [`LoraAdapter::load`], confined with `roots` (canonical paths): each file is refused
+    /// unless the file it opened really lies inside one ([`LoraError::OutsideRoots`]), and it
+    /// is read through that open file.
+    pub fn load_within(
+        dir: &Path,
+        roots: Option<&[PathBuf]>,
+        cfg: &LlamaConfig,
+        max_rank: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, LoraError> {
         // Sizes first, before anything is read whole: a config is a few hundred bytes, and the
         // weights of the largest adapter this base accepts are known from its shape.
-        let size =
-            |p: &Path| std::fs::metadata(p).map(|m| m.len()).map_err(|e| LoraError::Io { path: p.into(), source: e });
-        let config_bytes = size(&config_path)?;
-        if config_bytes > MAX_CONFIG_BYTES {
-            return Err(LoraError::Config(format!(
-                "{config_bytes} bytes; an adapter config is at most {MAX_CONFIG_BYTES}"
-            )));
-        }
-        let weights_bytes = size(&weights_path)?;
-        let limit = max_weights_bytes(cfg, max_rank);
-        if weights_bytes > limit {
-            return Err(LoraError::ShapeMismatch(format!(
-                "adapter_model.safetensors is {weights_bytes} bytes, more than any adapter of rank <= {max_rank} for this base ({limit})"
-            )));
-        }
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|e| LoraError::Io { path: config_path.clone(), source: e })?;
+        let mut files = file::AdapterFiles::open(dir, roots, (max_weights_bytes(cfg, max_rank), max_rank))?;
+        let text = files.config_text()?;
         let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| LoraError::Config(e.to_string()))?;
         config.check_supported()?;
         config.check_arithmetic()?;
         if config.r > max_rank {
             return Err(LoraError::RankTooLarge { rank: config.r, max: max_rank });
         }
-        let tensors = file::read_tensors(&weights_path)?;
+        let tensors = files.tensors()?;
         // Finite in the file is not enough: f16 overflows past 65504 (bf16 just below f32's
         // maximum), so a value must also fit the run dtype when converting narrows it.
         let dtype_max = match dtype {
@@ -431,6 +433,9 @@ fn parse_tensors(
                 let factor = if name.contains("lora_A") { "lora_A" } else { "lora_B" };
                 return Err(LoraError::NonFinite(format!("{}.{factor} in {dtype:?}", key.peft_prefix())));
             }
+        }
+        if max > MAX_LORA_WEIGHT {
+            return Err(LoraError::WeightTooLarge { name, max });
         }
         let (inp, out) = key.module.dims(cfg);
         let want = if is_a { vec![config.r, inp] } else { vec![out, config.r] };

@@ -9,6 +9,7 @@ impl EngineState {
         if plan.batch.is_empty() {
             return Ok(());
         }
+        self.inject_fault(plan);
         let mut batch = PackedBatch::default();
         let mut tables: Vec<BlockTable> = Vec::with_capacity(plan.batch.len());
         for s in &plan.batch {
@@ -32,27 +33,41 @@ impl EngineState {
             self.tables.insert(s.id, t);
         }
         let (sampled, failed) = sampled?;
+        // Counted before any row ends: an ended row is no longer live (indexing `live` for it
+        // here panicked the engine thread once a row's sampling failed).
+        let prefill: usize = plan
+            .batch
+            .iter()
+            .filter_map(|s| {
+                let prompt = self.live.get(&s.id)?.req.prompt_ids.len();
+                Some(prompt.saturating_sub(s.past).min(s.tokens.len()))
+            })
+            .sum();
+        self.e.metrics.update(|m| m.prompt_tokens += prefill as u64);
+        // Failed rows end first, so their KV is not offered to the prefix cache.
         for (id, e) in failed {
-            tracing::warn!("sampling failed for one request: {e}");
-            // The first line only: candle appends a backtrace when RUST_BACKTRACE is set.
-            let cause = e.to_string().lines().next().unwrap_or_default().to_string();
-            self.end(id, Err(ApiError::Internal(format!("sampling failed for this request: {cause}"))));
+            self.fail_row(id, "sampling failed for this request", &e);
         }
         {
             let EngineState { e, tables, .. } = self;
             let mut res = EngineResources { kv: &mut e.kv, tables, registry: &mut e.registry };
             e.scheduler.complete(plan, &sampled, &mut res);
         }
-        let prefill: usize = plan
-            .batch
-            .iter()
-            .map(|s| self.live[&s.id].req.prompt_ids.len().saturating_sub(s.past).min(s.tokens.len()))
-            .sum();
-        self.e.metrics.update(|m| m.prompt_tokens += prefill as u64);
         for (id, tok) in sampled {
-            self.emit(id, tok)?;
+            // One sequence's detokenization error is that sequence's alone.
+            if let Err(e) = self.emit(id, tok) {
+                self.fail_row(id, "detokenization failed for this request", &e);
+            }
         }
         Ok(())
+    }
+
+    /// Ends row `id` alone with a 500 whose message is `what` and the first line of `e` (the
+    /// full error goes to the log; candle appends a backtrace when RUST_BACKTRACE is set).
+    fn fail_row(&mut self, id: SeqId, what: &str, e: &crate::engine::EngineError) {
+        tracing::warn!("{what}: {e}");
+        let cause = e.to_string().lines().next().unwrap_or_default().to_string();
+        self.end(id, Err(ApiError::Internal(format!("{what}: {cause}"))));
     }
 
     /// The step as a decode-graph replay when it is one (every row one decode token of the
@@ -109,7 +124,7 @@ impl EngineState {
         let mut sampled = Vec::with_capacity(params.0.len());
         let mut failed = Vec::new();
         for (row, s) in plan.batch.iter().filter(|s| s.sample).enumerate() {
-            let live = self.live.get_mut(&s.id).expect("scheduled requests are live");
+            let Some(live) = self.live.get_mut(&s.id) else { continue };
             match live.sampler.sample_row(&logits, row, &picks) {
                 Ok(tok) => sampled.push((s.id, tok)),
                 Err(e) => failed.push((s.id, e)),
