@@ -364,7 +364,8 @@ mod tests {
     #[test]
     fn busy_ratio_is_the_share_of_the_last_ten_whole_seconds() {
         let mut w = BusyWindow::default();
-        let at = |ms: u64| w.origin + Duration::from_millis(ms);
+        let origin = w.origin;
+        let at = |ms: u64| origin + Duration::from_millis(ms);
         let (t1, t2, t3) = (at(500), at(3_200), at(11_900));
         w.record(t1, Duration::from_millis(400)); // second 0
         w.record(t2, Duration::from_millis(600)); // second 3
