@@ -12,16 +12,22 @@ use lab::loadtest::{LoadtestSettings, PromptSource};
 use crate::serve_util::{temp_dir, Server};
 
 /// A fake OpenAI server that answers at once, except that it freezes from 0.5 s to 2.5 s after
-/// its first request (every request arriving then is held until the freeze ends).
+/// its first streamed request (every request arriving then is held until the freeze ends).
 fn stalling_server() -> (String, tokio::runtime::Runtime) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let first: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let app = axum::Router::new().route(
         "/v1/chat/completions",
-        post(move || {
+        post(move |body: String| {
             let first = first.clone();
             async move {
-                let t0 = *first.lock().unwrap().get_or_insert_with(Instant::now);
+                // The clock starts at the first streamed request: the load tester's synthetic
+                // prompt calibration probes (not streamed) come before the step.
+                let streamed = body.contains("\"stream\":true");
+                let t0 = match streamed {
+                    true => *first.lock().unwrap().get_or_insert_with(Instant::now),
+                    false => Instant::now() + Duration::from_secs(3600),
+                };
                 let (from, to) = (t0 + Duration::from_millis(500), t0 + Duration::from_millis(2500));
                 let now = Instant::now();
                 if now >= from && now < to {
