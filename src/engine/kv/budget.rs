@@ -14,8 +14,8 @@ use crate::engine::model::{Llama, LogitsAt, PackedBatch};
 use crate::engine::{EngineError, Result};
 
 /// Device memory set aside for the decode graphs' own pools (captured once at start-up, after
-/// the KV pool exists). Measured on the H200 for the 8B shape's 26 buckets; the log line after
-/// capture shows what they took.
+/// the KV pool exists). A fixed reserve, not a measurement: the 8B shape's 26 buckets were
+/// captured within it on the H200 (2026-12-02); their own size is not measured yet.
 pub const GRAPH_RESERVE_BYTES: usize = 1 << 30;
 
 /// The largest step the scheduler may form.
