@@ -13,7 +13,9 @@
 # stock candle-transformers step and the floor, + serve smoke (graph replays counted);
 # lora = selftest + decode with 0/1/8/32 distinct adapters (eager and graph) + adapter hot load
 # + the decode defaults (DECODE=0 skips) + serve smokes + the eager peer (PEER=0 skips);
-# LORA128=0 skips batch 128, PROFILE=1 adds the LoRA profile.
+# LORA128=0 skips batch 128, PROFILE=1 adds the LoRA profile;
+# fused = selftest + decode with the fused layer vs the plain one (--no-fused-layers), base and
+# 0/1/8/32 adapters, a 4096-token prefill (PREFILL=0 skips), + serve smoke.
 # Everything in $OUT also comes back as $OUT/all.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,7 @@ run_bench() { # $1 = name, rest = extra flags
   cat "$OUT/bench-$name.md"
 }
 
-if [[ $MODE == quick || $MODE == full || $MODE == decode || $MODE == lora ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == decode || $MODE == lora || $MODE == fused ]]; then
   log "lab selftest --device cuda"
   $LAB selftest --device cuda 2>&1 | tee "$OUT/selftest.txt"
   rc=${PIPESTATUS[0]}
@@ -76,6 +78,16 @@ if [[ $MODE == lora ]]; then
   [[ ${DECODE:-1} == 1 ]] && run_bench decode --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
 fi
 
+if [[ $MODE == fused ]]; then
+  # The fused layer (issue 3/8: qkv and gate|up as one GEMM, add+norm, silu*up, rope+KV store in
+  # one launch each) against the plain layer in the same call, then adapters on both (4/8).
+  run_bench fused --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
+  run_bench plain --batch 1,8,32,128,256 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --no-fused-layers
+  [[ $LORA_OK == 1 ]] && run_bench fused-lora --batch 1,32 --adapters 0,1,8,32 --prompt-len 512 --decode-steps 32 --repeats 5
+  [[ $LORA_OK == 1 ]] && run_bench plain-lora --batch 1,32 --adapters 0,8 --prompt-len 512 --decode-steps 32 --repeats 5 --no-fused-layers
+  [[ ${PREFILL:-1} == 1 ]] && run_bench fused-prefill --batch 1 --adapters 0 --prompt-len 16 --decode-steps 1 --repeats 3 --prefill-len 4096
+fi
+
 if [[ $MODE == lora-profile ]]; then
   # Where the adapters' cost goes: the step's LoRA launches alone, with adapters and without
   # (fixed cost). Kernels unchanged since the last selftest run; no selftest here.
@@ -96,7 +108,7 @@ if [[ $MODE == full ]]; then
     --prefill-len 256,1024,4096 --profile
 fi
 
-if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode || $MODE == lora ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode || $MODE == lora || $MODE == fused ]]; then
   log "lab serve --device cuda (smoke)"
   $LAB serve --device cuda --model $MODEL --kv-cache-memory 8GiB --port 18080 > "$OUT/serve.txt" 2>&1 &
   SERVE=$!

@@ -2,25 +2,31 @@
 // the shrink and one for the expand of up to three projections that share their input (q/k/v,
 // gate/up), whatever the mix of adapters. Segment z = blockIdx.z picks the projection.
 //
-// Layouts (row-major, contiguous), per projection z:
-//   x     [M, K]        the shared input rows
-//   y_z   [M, N_z]      the base output x W_z^T, updated in place
+// Layouts (row-major), per projection z:
+//   x     [M, K]        the shared input rows (contiguous)
+//   y     [M, ld]       the base outputs; projection z owns columns col_z .. col_z + N_z (a
+//                       fused q|k|v or gate|up product, or one projection alone), updated in place
 //   a_z   [S, R, K]     A of every slot, padded to R = --max-lora-rank rows
 //   bt_z  [S, R, N_z]   B^T of every slot, same padding
 //   slot  [M] u32       the row's slot, NO_SLOT = base only
 //   meta_z [2S] u32     rank of each slot for this projection (0 = the adapter does not touch
 //                       it), then each slot's scale as f32 bits
-//   t_z   [M, R] f32    scratch between the two kernels
+//   tp    [Z, M, KS, R] f32 partial dot products between the two kernels, KS = ceil(K / CHUNK)
 //
 // Pseudocode:
 //   for m: s = slot[m]; if s == NO_SLOT or rank[s] == 0: skip the row (no read, no write)
-//     shrink: t[m, j] = scale[s] * sum_k x[m, k] * a[s, j, k]          for j < rank[s]
-//     expand: y[m, n] = round(y[m, n] + sum_{j < rank[s]} t[m, j] * bt[s, j, n])
+//     shrink: tp[z, m, c, j] = sum_{k in chunk c} x[m, k] * a[s, j, k]       for j < rank[s]
+//     expand: t[j] = scale[s] * sum_c tp[z, m, c, j]
+//             y[m, col_z + n] = round(y[m, col_z + n] + sum_{j < rank[s]} t[j] * bt[s, j, n])
 //
-// A slot of rank r < R costs rank r (rows past r are never read), so mixed ranks do not pay the
-// largest; base rows cost nothing but the launch. Sums are f32 in a fixed order that depends on
-// the row alone, so a row's output does not depend on its neighbours or the batch size. Both
-// kernels read their slots and ranks on the device, so one CUDA graph serves every adapter mix.
+// The shrink splits K into chunks of CHUNK so each warp's loads of a rank row are all in flight
+// at once: a decode step has few rows, and a warp walking the whole K (14336 for down_proj) was
+// a chain of dependent memory round trips, which made the LoRA launches cost far more than
+// their bytes. A slot of rank r < R costs rank r (rows past r are never read), so mixed ranks
+// do not pay the largest; base rows cost nothing but the launch. Sums are f32 in a fixed order
+// that depends on the row alone, so a row's output does not depend on its neighbours or the
+// batch size. Both kernels read their slots and ranks on the device, so one CUDA graph serves
+// every adapter mix.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -65,76 +71,77 @@ __device__ __forceinline__ P pick(uint32_t z, P p0, P p1, P p2) {
     return z == 0 ? p0 : (z == 1 ? p1 : p2);
 }
 
+// Elements of K one shrink block covers: 32 lanes x 8 elements x SHRINK_UNROLL loads.
 #define SHRINK_UNROLL 4
+#define CHUNK (32 * 8 * SHRINK_UNROLL)
+#define SHRINK_THREADS 512
 #define EXPAND_UNROLL 8
-// Blocks per (row, projection) of the shrink: its warps split the rank rows j among them.
-#define SHRINK_GROUPS 4
 
-// Block (g, m, z), one warp per rank row: warp w handles j = (g * WARPS + w) + i * (G * WARPS)
-// below the slot's rank, its 32 lanes split the K dot product (8 elements per load,
-// SHRINK_UNROLL loads in flight) and reduce by a fixed butterfly. A row costs G = SHRINK_GROUPS
-// blocks whatever --max-lora-rank is (one block per rank row and row made 196k mostly idle
-// blocks per launch for a 1024-row prefill at R = 64). K % 8 == 0.
+// Block (c, m, z): warp w handles the rank rows j = w, w + 16, ... below the slot's rank over
+// chunk c of K; its lanes load 8 elements per run, all SHRINK_UNROLL runs in flight, and reduce
+// by a fixed butterfly. K % 8 == 0.
 template <typename T>
-__device__ void shrink(float* t0, float* t1, float* t2, const T* __restrict__ x, const T* a0, const T* a1,
-                       const T* a2, const uint32_t* __restrict__ slot, const uint32_t* m0, const uint32_t* m1,
-                       const uint32_t* m2, uint32_t S, uint32_t K, uint32_t R) {
-    const uint32_t m = blockIdx.y, z = blockIdx.z;
-    const uint32_t warps = THREADS / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+__device__ void shrink(float* __restrict__ tp, const T* __restrict__ x, const T* a0, const T* a1, const T* a2,
+                       const uint32_t* __restrict__ slot, const uint32_t* m0, const uint32_t* m1, const uint32_t* m2,
+                       uint32_t S, uint32_t K, uint32_t R) {
+    const uint32_t c = blockIdx.x, m = blockIdx.y, z = blockIdx.z, M = gridDim.y, KS = gridDim.x;
+    const uint32_t warps = SHRINK_THREADS / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t* meta = pick(z, m0, m1, m2);
     const uint32_t s = slot[m];
     if (s == NO_SLOT || s >= S) return;
     const uint32_t rank = min(meta[s], R);
-    const float scale = __uint_as_float(meta[S + s]);
+    const uint32_t runs = K / 8, r_begin = c * (CHUNK / 8), r_end = min(runs, r_begin + CHUNK / 8);
     const T* xr = x + (size_t)m * K;
     const T* a = pick(z, a0, a1, a2) + (size_t)s * R * K;
-    float* t = pick(z, t0, t1, t2) + (size_t)m * R;
-    const uint32_t runs = K / 8;
-    for (uint32_t j = blockIdx.x * warps + warp; j < rank; j += gridDim.x * warps) {
+    float* t = tp + ((size_t)(z * M + m) * KS + c) * R;
+    for (uint32_t j = warp; j < rank; j += warps) {
         const T* ar = a + (size_t)j * K;
-        float acc = 0.f;
-        for (uint32_t r0 = lane; r0 < runs; r0 += 32 * SHRINK_UNROLL) {
-            float xf[SHRINK_UNROLL][8], af[SHRINK_UNROLL][8];
+        float xf[SHRINK_UNROLL][8], af[SHRINK_UNROLL][8];
 #pragma unroll
-            for (int u = 0; u < SHRINK_UNROLL; u++) {
-                const uint32_t r = r0 + u * 32;
-                if (r < runs) {
-                    load8(xr + 8 * r, xf[u]);
-                    load8(ar + 8 * r, af[u]);
-                }
+        for (int u = 0; u < SHRINK_UNROLL; u++) {
+            const uint32_t r = r_begin + lane + u * 32;
+            if (r < r_end) {
+                load8(xr + 8 * r, xf[u]);
+                load8(ar + 8 * r, af[u]);
             }
+        }
+        float acc = 0.f;
 #pragma unroll
-            for (int u = 0; u < SHRINK_UNROLL; u++) {
-                if (r0 + u * 32 < runs) {
+        for (int u = 0; u < SHRINK_UNROLL; u++) {
+            if (r_begin + lane + u * 32 < r_end) {
 #pragma unroll
-                    for (int e = 0; e < 8; e++) acc = fmaf(xf[u][e], af[u][e], acc);
-                }
+                for (int e = 0; e < 8; e++) acc = fmaf(xf[u][e], af[u][e], acc);
             }
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-        if (lane == 0) t[j] = scale * acc;
+        if (lane == 0) t[j] = acc;
     }
 }
 
 // Block (n-tile, m, z): each thread owns 8 consecutive output columns, EXPAND_UNROLL ranks'
 // rows of B^T in flight. N_z % 8 == 0.
 template <typename T>
-__device__ void expand(T* y0, T* y1, T* y2, const float* t0, const float* t1, const float* t2, const T* b0,
-                       const T* b1, const T* b2, const uint32_t* __restrict__ slot, const uint32_t* m0,
+__device__ void expand(T* y, uint32_t ld, uint32_t c0, uint32_t c1, uint32_t c2, const float* __restrict__ tp,
+                       const T* b0, const T* b1, const T* b2, const uint32_t* __restrict__ slot, const uint32_t* m0,
                        const uint32_t* m1, const uint32_t* m2, uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2,
-                       uint32_t R) {
-    const uint32_t m = blockIdx.y, z = blockIdx.z;
+                       uint32_t R, uint32_t KS) {
+    const uint32_t m = blockIdx.y, z = blockIdx.z, M = gridDim.y;
     const uint32_t N = pick(z, N0, N1, N2);
     const uint32_t* meta = pick(z, m0, m1, m2);
     const uint32_t s = slot[m];
     if (s == NO_SLOT || s >= S) return;
-    const uint32_t r = meta[s];
+    const uint32_t r = min(meta[s], R);
     const uint32_t n = (blockIdx.x * THREADS + threadIdx.x) * 8;
     if (r == 0 || blockIdx.x * THREADS * 8 >= N) return;
+    const float scale = __uint_as_float(meta[S + s]);
     __shared__ float tr[256];
-    const float* t = pick(z, t0, t1, t2);
-    for (uint32_t j = threadIdx.x; j < r && j < 256; j += THREADS) tr[j] = t[(size_t)m * R + j];
+    const float* t = tp + (size_t)(z * M + m) * KS * R;
+    for (uint32_t j = threadIdx.x; j < r && j < 256; j += THREADS) {
+        float sum = 0.f;
+        for (uint32_t c = 0; c < KS; c++) sum += t[(size_t)c * R + j];
+        tr[j] = scale * sum;
+    }
     __syncthreads();
     if (n >= N) return;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -153,22 +160,22 @@ __device__ void expand(T* y0, T* y1, T* y2, const float* t0, const float* t1, co
             }
         }
     }
-    T* yr = pick(z, y0, y1, y2) + (size_t)m * N + n;
+    T* yr = y + (size_t)m * ld + pick(z, c0, c1, c2) + n;
 #pragma unroll
     for (int e = 0; e < 8; e++) yr[e] = from_f<T>(to_f(yr[e]) + acc[e]);
 }
 
 #define LORA(T, SUFFIX)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS) lora_shrink_##SUFFIX(                              \
-        float* t0, float* t1, float* t2, const T* x, const T* a0, const T* a1, const T* a2, const uint32_t* slot, \
-        const uint32_t* m0, const uint32_t* m1, const uint32_t* m2, uint32_t S, uint32_t K, uint32_t R) {    \
-        shrink<T>(t0, t1, t2, x, a0, a1, a2, slot, m0, m1, m2, S, K, R);                                     \
+    extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) lora_shrink_##SUFFIX(                       \
+        float* tp, const T* x, const T* a0, const T* a1, const T* a2, const uint32_t* slot, const uint32_t* m0, \
+        const uint32_t* m1, const uint32_t* m2, uint32_t S, uint32_t K, uint32_t R) {                        \
+        shrink<T>(tp, x, a0, a1, a2, slot, m0, m1, m2, S, K, R);                                             \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(THREADS) lora_expand_##SUFFIX(                              \
-        T* y0, T* y1, T* y2, const float* t0, const float* t1, const float* t2, const T* b0, const T* b1,    \
+        T* y, uint32_t ld, uint32_t c0, uint32_t c1, uint32_t c2, const float* tp, const T* b0, const T* b1, \
         const T* b2, const uint32_t* slot, const uint32_t* m0, const uint32_t* m1, const uint32_t* m2,       \
-        uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2, uint32_t R) {                                     \
-        expand<T>(y0, y1, y2, t0, t1, t2, b0, b1, b2, slot, m0, m1, m2, S, N0, N1, N2, R);                   \
+        uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2, uint32_t R, uint32_t KS) {                        \
+        expand<T>(y, ld, c0, c1, c2, tp, b0, b1, b2, slot, m0, m1, m2, S, N0, N1, N2, R, KS);                \
     }
 
 LORA(float, f32)

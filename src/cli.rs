@@ -338,6 +338,10 @@ pub struct BenchArgs {
     /// (the default), to compare them.
     #[arg(long)]
     pub no_grouped_attention: bool,
+    /// Run the plain layer (separate q/k/v and gate/up GEMMs, unfused norms, RoPE and KV
+    /// writes) instead of the fused one (the CUDA default), to compare them.
+    #[arg(long)]
+    pub no_fused_layers: bool,
 }
 
 /// `lab selftest`.

@@ -58,6 +58,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.no_grouped_attention {
         loaded.model = loaded.model.with_grouped_attention(false);
     }
+    if args.no_fused_layers {
+        loaded.model = loaded.model.without_fused_projections();
+    }
     report_loaded(&loaded);
     let ceilings = if args.floor { Some(floor::measure(&device, dtype)?) } else { None };
     let max_adapters = args.adapters.iter().copied().max().unwrap_or(0);

@@ -6,6 +6,7 @@
 //! 2e-2: bf16 keeps 8 mantissa bits, so one rounding of an output is already ~4e-3), exact
 //! agreement for copies, ids and greedy tokens. Exits non-zero on any failure.
 
+mod fused_checks;
 mod graph_checks;
 mod lora_checks;
 mod model_checks;
@@ -59,10 +60,13 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
         run("kernels", op_checks::paged_kernels(&device, dt, seed));
         run("projections", op_checks::projections(&device, dt, seed));
         run("lora kernels", lora_checks::bgmv_kernels(&device, dt, seed));
+        run("fused ops", fused_checks::fused_ops(&device, dt, seed));
     }
+    run("fused references", fused_checks::references(seed));
     run("sampler", op_checks::greedy_sampler(&device, seed));
     for &dt in &dtypes {
         run("tiny llama", model_checks::logits(&device, dt, seed));
+        run("fused layer", fused_checks::fused_layer(&device, dt, seed));
     }
     run("batch invariance", model_checks::batch_invariance(&device, DType::F32, seed));
     for &dt in &dtypes {

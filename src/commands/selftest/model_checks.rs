@@ -59,9 +59,9 @@ pub(super) fn random_tensors(cfg: &LlamaConfig, seed: u64, widen: f64) -> anyhow
     Ok(t)
 }
 
-/// The model on `device`; `paged` = attention through the in-place paged path (the device
+/// The model on `device`; `paged` = the fused layer over the in-place paged path (the device
 /// path under test; on the CPU its ops run their reference forms, so `--device cpu` checks the
-/// plan itself) rather than the per-sequence path (the reference).
+/// plan and the fused layer themselves) rather than the plain per-sequence path (the reference).
 pub(super) fn build(
     t: &HashMap<String, Tensor>,
     cfg: &LlamaConfig,
@@ -71,7 +71,9 @@ pub(super) fn build(
 ) -> anyhow::Result<Llama> {
     let moved =
         t.iter().map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?))).collect::<anyhow::Result<_>>()?;
-    Ok(Llama::load(VarBuilder::from_tensors(moved, dtype, device), cfg)?.with_paged_kernels(paged))
+    let model = Llama::load(VarBuilder::from_tensors(moved, dtype, device), cfg)?.with_paged_kernels(paged);
+    // The paged path under test is the fused layer, as `load_model` sets it up on CUDA.
+    Ok(if paged { model.with_fused_projections()? } else { model })
 }
 
 /// A paged pool and one table per sequence, reserved for `len` positions.

@@ -6,6 +6,7 @@ pub mod paged_ops;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::engine::kv::PagedView;
+use crate::engine::model::fused_ops::KvTarget;
 use crate::engine::model::layers::{at_least_f32, OpsMode};
 use crate::engine::model::PackedBatch;
 use crate::engine::{EngineError, Result};
@@ -179,6 +180,18 @@ impl PagedPlan {
         let (kc, vc) = (&self.view.k[layer], &self.view.v[layer]);
         paged_ops::write_kv(kc, k, &self.slots)?;
         paged_ops::write_kv(vc, v, &self.slots)?;
+        self.attend_stored(layer, q, k, v, mode)
+    }
+
+    /// Where this layer's new keys and values go (for an op that stores them itself, as
+    /// `rope_store` does).
+    pub fn kv_target(&self, layer: usize) -> KvTarget<'_> {
+        KvTarget { k_cache: &self.view.k[layer], v_cache: &self.view.v[layer], slots: &self.slots }
+    }
+
+    /// [`PagedPlan::attend`] once the new keys and values are already in the pool.
+    pub fn attend_stored(&self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, mode: OpsMode) -> Result<Tensor> {
+        let (kc, vc) = (&self.view.k[layer], &self.view.v[layer]);
         let (n, h, d) = q.dims3()?;
         let mut parts = Vec::with_capacity(1 + self.prefill.len());
         if let Some(meta) = &self.decode {

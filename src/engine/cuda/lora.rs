@@ -10,10 +10,10 @@ use crate::engine::attention::paged_ops::contiguous;
 
 const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 const LORA_MODULE: &str = "lab_lora";
-/// Threads per block of both kernels (`THREADS` in the kernel).
+/// Threads per block of the expand (`THREADS` in the kernel).
 const THREADS: u32 = 128;
-/// Blocks of the shrink per row and projection (`SHRINK_GROUPS` in the kernel).
-const SHRINK_GROUPS: u32 = 4;
+/// Threads per block of the shrink (`SHRINK_THREADS` in the kernel).
+const SHRINK_THREADS: u32 = 512;
 /// Ranks the expand kernel keeps in shared memory.
 pub const MAX_RANK: usize = 256;
 
@@ -26,16 +26,16 @@ pub struct BgmvArgs<'a> {
     pub x: &'a Tensor,
     /// `[M]` u32.
     pub slot: &'a Tensor,
-    /// Per projection (1..=3): `y [M, N]` (updated in place; distinct tensors, none a view of
-    /// another), `a [S, R, K]`, `bt [S, R, N]`, `meta [2S]` u32 (ranks, then scales as f32 bits).
-    pub parts: Vec<(&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor)>,
+    /// Per projection (1..=3): its first column in the output, `a [S, R, K]`, `bt [S, R, N]`,
+    /// `meta [2S]` u32 (ranks, then scales as f32 bits).
+    pub parts: Vec<(usize, &'a Tensor, &'a Tensor, &'a Tensor)>,
     /// f32 scratch reused across launches when large enough (else one is allocated).
     pub scratch: Option<&'a Tensor>,
 }
 
-struct Expand<'a>(&'a BgmvArgs<'a>);
+struct Bgmv<'a>(&'a BgmvArgs<'a>);
 
-impl candle_core::InplaceOp1 for Expand<'_> {
+impl candle_core::InplaceOp1 for Bgmv<'_> {
     fn name(&self) -> &'static str {
         "lora-bgmv"
     }
@@ -49,19 +49,15 @@ impl candle_core::InplaceOp1 for Expand<'_> {
     }
 }
 
-/// `y_z += LoRA_z(x)` row by row in place for every part z (see `kernels/lora.cu`), one
-/// shrink and one expand launch for all of them. Every operand contiguous, on the device, in
-/// the ys' dtype; `K` and every `N` multiples of 8.
-pub fn bgmv_cuda(args: &BgmvArgs) -> candle_core::Result<()> {
+/// `y[:, col_z .. col_z + N_z] += LoRA_z(x)` row by row in place for every part z (see
+/// `kernels/lora.cu`), one shrink and one expand launch for all of them. `y: [M, W]`
+/// contiguous; every operand on the device in `y`'s dtype; `K` and every `N` multiples of 8.
+pub fn bgmv_cuda(y: &Tensor, args: &BgmvArgs) -> candle_core::Result<()> {
     let n = args.parts.len();
     if n == 0 || n > MAX_PARTS {
         candle_core::bail!("lora-bgmv: 1 to {MAX_PARTS} projections per launch, not {n}");
     }
-    let first = args.parts[0].0;
-    if args.parts[1..].iter().any(|p| p.0.id() == first.id()) {
-        candle_core::bail!("lora-bgmv: the outputs must be distinct tensors");
-    }
-    first.inplace_op1(&Expand(args))
+    y.inplace_op1(&Bgmv(args))
 }
 
 /// A read-locked contiguous CUDA operand: its storage guard, offset and length.
@@ -84,33 +80,39 @@ fn slice<'a, T: candle_core::cuda_backend::CudaDType>(
     Ok(c.as_cuda_slice::<T>()?.slice(op.1..op.1 + op.2))
 }
 
-/// One projection's operands; part 0's output is the write-locked tensor of the in-place op.
+/// One projection's factors.
 struct Part<'a> {
-    y: Option<Operand<'a>>,
     a: Operand<'a>,
     bt: Operand<'a>,
     meta: Operand<'a>,
 }
 
-fn launch(y0: &mut CudaStorage, y0l: &Layout, args: &BgmvArgs) -> candle_core::Result<()> {
-    let (m, _) = y0l.shape().dims2()?;
+/// Checks the parts against `y: [m, width]` and returns each one's `(column, N)`.
+fn part_columns(args: &BgmvArgs, m: usize, width: usize) -> candle_core::Result<[(u32, u32); MAX_PARTS]> {
     let (s_count, r, k) = args.parts[0].1.dims3()?;
+    let mut cols = [(0u32, 0u32); MAX_PARTS];
+    for (i, &(col, a, bt, _)) in args.parts.iter().enumerate() {
+        let (_, _, n) = bt.dims3()?;
+        if a.dims3()? != (s_count, r, k) || bt.dims3()? != (s_count, r, n) || n % 8 != 0 || col + n > width {
+            candle_core::bail!("lora-bgmv: y [{m}, {width}] at column {col}: a {:?} bt {:?}", a.dims(), bt.dims());
+        }
+        cols[i] = (col as u32, n as u32);
+    }
+    if k % 8 != 0 || r > MAX_RANK || args.x.dims2()? != (m, k) {
+        candle_core::bail!("lora-bgmv: x {:?} for K = {k} (a multiple of 8), R = {r} (at most {MAX_RANK})", args.x.dims());
+    }
+    Ok(cols)
+}
+
+fn launch(y: &mut CudaStorage, yl: &Layout, args: &BgmvArgs) -> candle_core::Result<()> {
+    let (m, width) = yl.shape().dims2()?;
     if m == 0 {
         return Ok(());
     }
-    let mut ns = [0u32; MAX_PARTS];
-    for (i, (y, a, bt, _)) in args.parts.iter().enumerate() {
-        let (ym, n) = y.dims2()?;
-        if ym != m || a.dims3()? != (s_count, r, k) || bt.dims3()? != (s_count, r, n) || n % 8 != 0 {
-            candle_core::bail!("lora-bgmv: y [{ym}, {n}] a {:?} bt {:?} for x [{m}, {k}]", a.dims(), bt.dims());
-        }
-        ns[i] = n as u32;
-    }
-    if k % 8 != 0 || r > MAX_RANK {
-        candle_core::bail!("lora-bgmv: K = {k} (a multiple of 8), R = {r} (at most {MAX_RANK})");
-    }
-    let dev = y0.device().clone();
-    let dtype = y0.dtype();
+    let cols = part_columns(args, m, width)?;
+    let (s_count, r, k) = args.parts[0].1.dims3()?;
+    let dev = y.device().clone();
+    let dtype = y.dtype();
     let suffix = match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -118,42 +120,33 @@ fn launch(y0: &mut CudaStorage, y0l: &Layout, args: &BgmvArgs) -> candle_core::R
         d => candle_core::bail!("lora-bgmv: no kernel for {d:?}"),
     };
     let (x, slot) = (operand(args.x)?, operand(args.slot)?);
-    // The other parts' outputs are read-locked here and written by the kernel: device memory
-    // of distinct fresh tensors that no other op reads or writes meanwhile (one stream).
     let parts: Vec<Part> = args
         .parts
         .iter()
-        .enumerate()
-        .map(|(i, (y, a, bt, meta))| {
-            Ok(Part {
-                y: (i > 0).then(|| operand(y)).transpose()?,
-                a: operand(a)?,
-                bt: operand(bt)?,
-                meta: operand(meta)?,
-            })
-        })
+        .map(|&(_, a, bt, meta)| Ok(Part { a: operand(a)?, bt: operand(bt)?, meta: operand(meta)? }))
         .collect::<candle_core::Result<_>>()?;
     let np = parts.len();
     // Unused segments name part 0's operands; their blocks do not exist (grid z = np).
     let part = |z: usize| &parts[z.min(np - 1)];
-    let (y0o, y0n) = contiguous(y0l)?;
-    let scratch = args.scratch.map(operand).transpose()?.filter(|s| s.2 >= np * m * r);
+    let (y0, yn) = contiguous(yl)?;
+    let need = crate::engine::lora::op::shrink_scratch_len(np, m, k, r);
+    let scratch = args.scratch.map(operand).transpose()?.filter(|s| s.2 >= need);
     let owned = match scratch {
         Some(_) => None,
-        None => Some(unsafe { dev.alloc::<f32>(np * m * r)? }),
+        None => Some(unsafe { dev.alloc::<f32>(need.max(1))? }),
     };
-    let t = match (&scratch, &owned) {
+    let tp = match (&scratch, &owned) {
         (Some(s), _) => slice::<f32>(s)?,
         (None, Some(o)) => o.slice(0..),
         (None, None) => unreachable!("allocated above"),
     };
-    let ts: Vec<_> = (0..MAX_PARTS).map(|z| t.slice(z.min(np - 1) * m * r..)).collect();
     let shrink = dev.get_or_load_custom_func(&format!("lora_shrink_{suffix}"), LORA_MODULE, LORA_PTX)?;
     let expand = dev.get_or_load_custom_func(&format!("lora_expand_{suffix}"), LORA_MODULE, LORA_PTX)?;
-    let (su, ku, ru) = (s_count as u32, k as u32, r as u32);
-    let n_max = ns.iter().copied().max().unwrap_or(0);
+    let ks = k.div_ceil(crate::engine::lora::op::SHRINK_CHUNK) as u32;
+    let (su, ku, ru, ld) = (s_count as u32, k as u32, r as u32, width as u32);
+    let n_max = cols.iter().map(|c| c.1).max().unwrap_or(0);
     let grid = |x: u32| (x, m as u32, np as u32);
-    let shrink_cfg = LaunchConfig { grid_dim: grid(SHRINK_GROUPS), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let shrink_cfg = LaunchConfig { grid_dim: grid(ks), block_dim: (SHRINK_THREADS, 1, 1), shared_mem_bytes: 0 };
     let expand_cfg =
         LaunchConfig { grid_dim: grid(n_max.div_ceil(THREADS * 8)), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let slot = slice::<u32>(&slot)?;
@@ -163,21 +156,15 @@ fn launch(y0: &mut CudaStorage, y0l: &Layout, args: &BgmvArgs) -> candle_core::R
             let x = slice::<$ty>(&x)?;
             let a = [slice::<$ty>(&part(0).a)?, slice::<$ty>(&part(1).a)?, slice::<$ty>(&part(2).a)?];
             let bt = [slice::<$ty>(&part(0).bt)?, slice::<$ty>(&part(1).bt)?, slice::<$ty>(&part(2).bt)?];
-            let ys: Vec<_> = (1..MAX_PARTS)
-                .map(|z| match parts.get(z).and_then(|p| p.y.as_ref()) {
-                    Some(y) => slice::<$ty>(y),
-                    None => slice::<$ty>(&part(0).a), // an unused segment's stand-in, never written
-                })
-                .collect::<candle_core::Result<_>>()?;
             let mut b = shrink.builder();
-            b.arg(&ts[0]).arg(&ts[1]).arg(&ts[2]).arg(&x).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&slot);
+            b.arg(&tp).arg(&x).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&slot);
             b.arg(&metas[0]).arg(&metas[1]).arg(&metas[2]).arg(&su).arg(&ku).arg(&ru);
             unsafe { b.launch(shrink_cfg) }.w()?;
-            let mut y0v = y0.as_cuda_slice_mut::<$ty>()?.slice_mut(y0o..y0o + y0n);
+            let mut yv = y.as_cuda_slice_mut::<$ty>()?.slice_mut(y0..y0 + yn);
             let mut b = expand.builder();
-            b.arg(&mut y0v).arg(&ys[0]).arg(&ys[1]);
-            b.arg(&ts[0]).arg(&ts[1]).arg(&ts[2]).arg(&bt[0]).arg(&bt[1]).arg(&bt[2]).arg(&slot);
-            b.arg(&metas[0]).arg(&metas[1]).arg(&metas[2]).arg(&su).arg(&ns[0]).arg(&ns[1]).arg(&ns[2]).arg(&ru);
+            b.arg(&mut yv).arg(&ld).arg(&cols[0].0).arg(&cols[1].0).arg(&cols[2].0).arg(&tp);
+            b.arg(&bt[0]).arg(&bt[1]).arg(&bt[2]).arg(&slot).arg(&metas[0]).arg(&metas[1]).arg(&metas[2]);
+            b.arg(&su).arg(&cols[0].1).arg(&cols[1].1).arg(&cols[2].1).arg(&ru).arg(&ks);
             unsafe { b.launch(expand_cfg) }.w()?;
         }};
     }

@@ -2,6 +2,7 @@
 //!
 //! Only built with `--features cuda`; every op here has a CPU twin that is its reference.
 
+pub mod fused;
 pub mod gemv;
 pub mod graph;
 pub mod kernels;

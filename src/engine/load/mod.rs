@@ -37,6 +37,9 @@ pub fn load_model(source: &ModelSource, home: &Path, dtype: DType, device: &Devi
     let files = resolve(source, home)?;
     let (cfg, vb) = crate::engine::load::weights::open(&files, dtype, device)?;
     let model = Llama::load(vb, &cfg)?;
+    // Every paged CUDA forward takes the fused layer (engine::model::fused); `vb` is gone by
+    // now, so the separate weights are freed as their concatenations replace them.
+    let model = if device.is_cuda() { model.with_fused_projections()? } else { model };
     let (tokenizer, tokenizer_label) = match &files {
         ModelFiles::Safetensors { tokenizer, tokenizer_config, .. } => (
             Tokenizer::from_hf_files(tokenizer, tokenizer_config.as_deref(), &cfg.eos_token_ids)?,

@@ -55,27 +55,59 @@ pub struct Stacked {
 /// Slot value of a row with no adapter (`NO_SLOT` of `kernels/lora.cu`).
 pub const NO_SLOT: u32 = u32::MAX;
 
+/// Elements of the input one shrink block reduces (`CHUNK` of `kernels/lora.cu`).
+pub const SHRINK_CHUNK: usize = 1024;
+
+/// f32 values of the shrink's partial sums (the kernels' scratch) for `parts` projections of
+/// `rows` rows over `k` inputs at rank `r`.
+pub fn shrink_scratch_len(parts: usize, rows: usize, k: usize, r: usize) -> usize {
+    parts * rows * k.div_ceil(SHRINK_CHUNK) * r
+}
+
 /// Batched multi-LoRA with a per-row slot (BGMV) for projections that share their input `x`
 /// (one to three: q/k/v, gate/up): `ys[z][t] += scale_s * (x[t] A_{z,s}^T) B_{z,s}^T` for
 /// `s = row_slot[t]` (`NO_SLOT`: nothing), the semantics of [`apply_lora`] without grouping
 /// rows, so the slots may live on the device (a CUDA graph replays it for any adapter mix). On
-/// CUDA the `ys` are updated in place by one launch pair (`kernels/lora.cu`) and returned;
+/// CUDA the `ys` are updated in place (`kernels/lora.cu`, one launch pair each) and returned;
 /// elsewhere [`bgmv_reference`] computes new tensors. Inference only (no gradient).
 pub fn bgmv(ys: Vec<Tensor>, x: &Tensor, ws: &[Stacked], row_slot: &Tensor) -> Result<Vec<Tensor>> {
+    ys.into_iter().zip(ws).map(|(y, w)| bgmv_columns(y, x, &[(0, w)], row_slot)).collect()
+}
+
+/// [`bgmv`] for projections whose outputs are column ranges of one tensor `y: [T, W]` (a fused
+/// q|k|v or gate|up product): `parts[z] = (first column of projection z, its factors)`. One
+/// launch pair on CUDA for all of them.
+pub fn bgmv_columns(y: Tensor, x: &Tensor, parts: &[(usize, &Stacked)], row_slot: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        let x = x.contiguous()?;
-        let parts = ys.iter().zip(ws).map(|(y, w)| (y, &w.a, &w.bt, &w.meta)).collect();
-        let scratch = ws.first().and_then(|w| w.scratch.as_ref());
-        crate::engine::cuda::lora::bgmv_cuda(&crate::engine::cuda::lora::BgmvArgs {
+        let (x, y) = (x.contiguous()?, y.contiguous()?);
+        let scratch = parts.first().and_then(|(_, w)| w.scratch.as_ref());
+        let args = crate::engine::cuda::lora::BgmvArgs {
             x: &x,
             slot: row_slot,
-            parts,
+            parts: parts.iter().map(|&(col, w)| (col, &w.a, &w.bt, &w.meta)).collect(),
             scratch,
-        })?;
-        return Ok(ys);
+        };
+        crate::engine::cuda::lora::bgmv_cuda(&y, &args)?;
+        return Ok(y);
     }
-    ys.iter().zip(ws).map(|(y, w)| bgmv_reference(y, x, w, row_slot)).collect()
+    let width = y.dim(1)?;
+    let mut pieces = Vec::with_capacity(2 * parts.len() + 1);
+    let mut at = 0;
+    let mut sorted: Vec<_> = parts.to_vec();
+    sorted.sort_by_key(|p| p.0);
+    for (col, w) in sorted {
+        let n = w.bt.dim(2)?;
+        if col > at {
+            pieces.push(y.narrow(1, at, col - at)?);
+        }
+        pieces.push(bgmv_reference(&y.narrow(1, col, n)?.contiguous()?, x, w, row_slot)?);
+        at = col + n;
+    }
+    if at < width {
+        pieces.push(y.narrow(1, at, width - at)?);
+    }
+    Ok(Tensor::cat(&pieces, 1)?)
 }
 
 /// The plain loops of [`bgmv`] on the host, f32 sums, one rounding to `y`'s dtype per output

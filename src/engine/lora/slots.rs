@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::engine::lora::op::{LoraWeights, Stacked};
+use crate::engine::lora::op::{shrink_scratch_len, LoraWeights, Stacked};
 use crate::engine::lora::{LoraAdapter, LoraModule, ProjKey};
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::{EngineError, Result};
@@ -56,7 +56,9 @@ impl SlotBank {
         }
         let key_rows: BTreeMap<ProjKey, usize> = a.keys().enumerate().map(|(i, k)| (*k, i)).collect();
         let device_meta = Tensor::zeros((key_rows.len(), 2 * slots), DType::U32, device)?;
-        let scratch = Tensor::zeros(SCRATCH_PARTS * SCRATCH_ROWS * max_rank.max(1), DType::F32, device)?;
+        let widest_input = LoraModule::ALL.iter().map(|m| m.dims(cfg).0).max().unwrap_or(0);
+        let scratch_len = shrink_scratch_len(SCRATCH_PARTS, SCRATCH_ROWS, widest_input, max_rank.max(1));
+        let scratch = Tensor::zeros(scratch_len, DType::F32, device)?;
         Ok(Self { max_rank, a, bt, meta: vec![None; slots], device_meta, key_rows, scratch })
     }
 

@@ -31,6 +31,14 @@ impl RmsNorm {
         Ok(Self { weight: vb.get(size, "weight")?, eps })
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     pub fn forward(&self, x: &Tensor, mode: OpsMode) -> Result<Tensor> {
         Ok(match mode {
             OpsMode::Fused => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?,

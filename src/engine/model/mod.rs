@@ -2,6 +2,8 @@
 //! position, in one forward (prefill chunks and decode tokens mixed).
 
 pub mod config;
+mod fused;
+pub mod fused_ops;
 pub mod layers;
 
 use candle_core::{DType, Device, Tensor};
@@ -116,6 +118,9 @@ pub struct Llama {
     skinny_rows: usize,
     /// Decode attention through the grouped-lanes kernel (see [`Llama::with_grouped_attention`]).
     grouped_attention: bool,
+    /// Each layer's fused q|k|v and gate|up weights (empty: the plain layer); see
+    /// [`Llama::with_fused_projections`].
+    fused: Vec<fused::FusedBlock>,
     dtype: DType,
     device: Device,
 }
@@ -166,6 +171,7 @@ impl Llama {
                 && cfg.num_attention_heads / cfg.num_key_value_heads <= 8,
             skinny_rows: 0,
             grouped_attention: true,
+            fused: Vec::new(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
         }
@@ -196,6 +202,7 @@ impl Llama {
             }
         }
         self.lm_head = self.lm_head.clone().with_skinny_rows(rows);
+        self.fused = std::mem::take(&mut self.fused).into_iter().map(|f| f.with_skinny_rows(rows)).collect();
         self.skinny_rows = rows;
         self
     }
@@ -338,6 +345,9 @@ impl Llama {
         attend: &mut Attend<'_>,
         lora: Option<&LoraCtx>,
     ) -> Result<Tensor> {
+        if let (true, Attend::Paged(plan)) = (self.takes_fused(attend), &*attend) {
+            return self.fused_layers_forward(x, rope, plan, lora);
+        }
         for (l, block) in self.layers.iter().enumerate() {
             let h = block.input_layernorm.forward(&x, self.mode)?;
             let a = self.attention(l, &block.self_attn, &h, rope, attend, lora)?;
@@ -452,6 +462,9 @@ impl Llama {
     /// Every weight a decode step multiplies by: seven projections per layer and the lm_head
     /// (benchmarks time them alone).
     pub fn matmul_weights(&self) -> Vec<&Tensor> {
+        if let Some(fused) = self.fused_matmul_weights() {
+            return fused;
+        }
         let mut out = Vec::with_capacity(7 * self.layers.len() + 1);
         for b in &self.layers {
             let (a, m) = (&b.self_attn, &b.mlp);
