@@ -10,6 +10,9 @@
 //                 out = [q_rot (N*H*D) | k_rot (N*KVH*D) | v (N*KVH*D)];
 //                 kc[slot[t]] = k_rot[t], vc[slot[t]] = v[t] unless slot[t] == SKIP_SLOT
 //
+// Each op optionally takes `delta` [N, width of its input] f32: the LoRA update of the
+// projection it consumes (kernels/lora.cu lora_delta), added to that input and rounded first.
+//
 // Every sum and product is f32 with one rounding to T per output, row by row: a row's result
 // does not depend on the batch size or its neighbours.
 #include <cuda_bf16.h>
@@ -19,13 +22,21 @@
 #include "convert.cuh"
 
 #define SKIP_SLOT 0xffffffffu
+
+// A projection's output with its LoRA update (f32, from lora_delta) added and rounded once, as
+// the in-place expand does; no update: the value as is.
+template <typename T>
+__device__ __forceinline__ float with_delta(T v, const float* delta, size_t i) {
+    return delta ? to_f(from_f<T>(to_f(v) + delta[i])) : to_f(v);
+}
 #define NORM_THREADS 512
 
 // Block per row t. The sum of squares goes through each warp's butterfly then warp 0's, a
 // fixed order.
 template <typename T>
 __device__ void add_rmsnorm(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ a,
-                            const T* __restrict__ w, uint32_t N, uint32_t W, float eps) {
+                            const float* __restrict__ delta, const T* __restrict__ w, uint32_t N, uint32_t W,
+                            float eps) {
     const uint32_t t = blockIdx.x;
     const T* xr = x + (size_t)t * W;
     const T* ar = a + (size_t)t * W;
@@ -33,7 +44,7 @@ __device__ void add_rmsnorm(T* __restrict__ out, const T* __restrict__ x, const 
     T* hr = out + (size_t)N * W + (size_t)t * W;
     float ss = 0.f;
     for (uint32_t i = threadIdx.x; i < W; i += blockDim.x) {
-        const T s = from_f<T>(to_f(xr[i]) + to_f(ar[i]));
+        const T s = from_f<T>(to_f(xr[i]) + with_delta(ar[i], delta, (size_t)t * W + i));
         sr[i] = s;
         const float f = to_f(s);
         ss = fmaf(f, f, ss);
@@ -57,12 +68,13 @@ __device__ void add_rmsnorm(T* __restrict__ out, const T* __restrict__ x, const 
 }
 
 template <typename T>
-__device__ void silu_mul(T* __restrict__ out, const T* __restrict__ gu, uint32_t N, uint32_t I) {
+__device__ void silu_mul(T* __restrict__ out, const T* __restrict__ gu, const float* __restrict__ delta, uint32_t N,
+                         uint32_t I) {
     const size_t total = (size_t)N * I;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
         const size_t t = e / I, c = e % I;
-        const float g = to_f(gu[t * 2 * I + c]);
-        const float u = to_f(gu[t * 2 * I + I + c]);
+        const float g = with_delta(gu[t * 2 * I + c], delta, t * 2 * I + c);
+        const float u = with_delta(gu[t * 2 * I + I + c], delta, t * 2 * I + I + c);
         out[e] = from_f<T>(g / (1.f + __expf(-g)) * u);
     }
 }
@@ -71,7 +83,7 @@ __device__ void silu_mul(T* __restrict__ out, const T* __restrict__ gu, uint32_t
 // values of v. cos, sin: [N, D / 2] (the row's position's table row).
 template <typename T>
 __device__ void rope_store(T* __restrict__ out, T* __restrict__ kc, T* __restrict__ vc, const T* __restrict__ qkv,
-                           const T* __restrict__ cos, const T* __restrict__ sin, const uint32_t* __restrict__ slots,
+                           const float* __restrict__ delta, const T* __restrict__ cos, const T* __restrict__ sin, const uint32_t* __restrict__ slots,
                            uint32_t N, uint32_t H, uint32_t KVH, uint32_t D) {
     const uint32_t t = blockIdx.x, half = D / 2;
     const uint32_t width = (H + 2 * KVH) * D, kvw = KVH * D;
@@ -83,7 +95,8 @@ __device__ void rope_store(T* __restrict__ out, T* __restrict__ kc, T* __restric
     for (uint32_t p = threadIdx.x; p < (H + KVH) * half; p += blockDim.x) {
         const uint32_t head = p / half, i = p % half;
         const uint32_t col = head * D + i;
-        const float x1 = to_f(row[col]), x2 = to_f(row[col + half]);
+        const size_t base = (size_t)t * width + col;
+        const float x1 = with_delta(row[col], delta, base), x2 = with_delta(row[col + half], delta, base + half);
         const float c = to_f(cos[(size_t)t * half + i]), s = to_f(sin[(size_t)t * half + i]);
         const T o1 = from_f<T>(x1 * c - x2 * s);
         const T o2 = from_f<T>(x1 * s + x2 * c);
@@ -102,7 +115,7 @@ __device__ void rope_store(T* __restrict__ out, T* __restrict__ kc, T* __restric
     }
     const T* vr = row + (H + KVH) * D;
     for (uint32_t e = threadIdx.x; e < kvw; e += blockDim.x) {
-        const T v = vr[e];
+        const T v = from_f<T>(with_delta(vr[e], delta, (size_t)t * width + (H + KVH) * D + e));
         v_out[e] = v;
         if (slot != SKIP_SLOT) vc[(size_t)slot * kvw + e] = v;
     }
@@ -110,16 +123,17 @@ __device__ void rope_store(T* __restrict__ out, T* __restrict__ kc, T* __restric
 
 #define FUSED(T, SUFFIX)                                                                                       \
     extern "C" __global__ void __launch_bounds__(NORM_THREADS) add_rmsnorm_##SUFFIX(                           \
-        T* out, const T* x, const T* a, const T* w, uint32_t N, uint32_t W, float eps) {                       \
-        add_rmsnorm<T>(out, x, a, w, N, W, eps);                                                               \
+        T* out, const T* x, const T* a, const float* delta, const T* w, uint32_t N, uint32_t W, float eps) {   \
+        add_rmsnorm<T>(out, x, a, delta, w, N, W, eps);                                                        \
     }                                                                                                          \
-    extern "C" __global__ void silu_mul_##SUFFIX(T* out, const T* gu, uint32_t N, uint32_t I) {               \
-        silu_mul<T>(out, gu, N, I);                                                                            \
+    extern "C" __global__ void silu_mul_##SUFFIX(T* out, const T* gu, const float* delta, uint32_t N,         \
+                                                 uint32_t I) {                                                 \
+        silu_mul<T>(out, gu, delta, N, I);                                                                     \
     }                                                                                                          \
-    extern "C" __global__ void rope_store_##SUFFIX(T* out, T* kc, T* vc, const T* qkv, const T* cos,          \
-                                                   const T* sin, const uint32_t* slots, uint32_t N,            \
-                                                   uint32_t H, uint32_t KVH, uint32_t D) {                     \
-        rope_store<T>(out, kc, vc, qkv, cos, sin, slots, N, H, KVH, D);                                        \
+    extern "C" __global__ void rope_store_##SUFFIX(T* out, T* kc, T* vc, const T* qkv, const float* delta,    \
+                                                   const T* cos, const T* sin, const uint32_t* slots,          \
+                                                   uint32_t N, uint32_t H, uint32_t KVH, uint32_t D) {         \
+        rope_store<T>(out, kc, vc, qkv, delta, cos, sin, slots, N, H, KVH, D);                                 \
     }
 
 FUSED(float, f32)

@@ -120,20 +120,29 @@ __device__ void shrink(float* __restrict__ tp, const T* __restrict__ x, const T*
 }
 
 // Block (n-tile, m, z): each thread owns 8 consecutive output columns, EXPAND_UNROLL ranks'
-// rows of B^T in flight. N_z % 8 == 0.
-template <typename T>
-__device__ void expand(T* y, uint32_t ld, uint32_t c0, uint32_t c1, uint32_t c2, const float* __restrict__ tp,
-                       const T* b0, const T* b1, const T* b2, const uint32_t* __restrict__ slot, const uint32_t* m0,
-                       const uint32_t* m1, const uint32_t* m2, uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2,
-                       uint32_t R, uint32_t KS) {
+// rows of B^T in flight. N_z % 8 == 0. DELTA: write the update alone as f32 into `out`
+// (zeros for rows without an adapter), for a consumer that adds it (the fused layer runs the
+// LoRA kernels on a side stream, concurrent with the base GEMM); else add it to y in place.
+template <typename T, bool DELTA>
+__device__ void expand(T* y, float* out, uint32_t ld, uint32_t c0, uint32_t c1, uint32_t c2,
+                       const float* __restrict__ tp, const T* b0, const T* b1, const T* b2,
+                       const uint32_t* __restrict__ slot, const uint32_t* m0, const uint32_t* m1, const uint32_t* m2,
+                       uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2, uint32_t R, uint32_t KS) {
     const uint32_t m = blockIdx.y, z = blockIdx.z, M = gridDim.y;
     const uint32_t N = pick(z, N0, N1, N2);
     const uint32_t* meta = pick(z, m0, m1, m2);
-    const uint32_t s = slot[m];
-    if (s == NO_SLOT || s >= S) return;
-    const uint32_t r = min(meta[s], R);
     const uint32_t n = (blockIdx.x * THREADS + threadIdx.x) * 8;
-    if (r == 0 || blockIdx.x * THREADS * 8 >= N) return;
+    if (blockIdx.x * THREADS * 8 >= N) return;
+    const uint32_t s = slot[m];
+    const uint32_t r = (s == NO_SLOT || s >= S) ? 0 : min(meta[s], R);
+    if (r == 0) {
+        if (DELTA && n < N) {
+            float* o = out + (size_t)m * ld + pick(z, c0, c1, c2) + n;
+#pragma unroll
+            for (int e = 0; e < 8; e++) o[e] = 0.f;
+        }
+        return;
+    }
     const float scale = __uint_as_float(meta[S + s]);
     __shared__ float tr[256];
     const float* t = tp + (size_t)(z * M + m) * KS * R;
@@ -160,9 +169,14 @@ __device__ void expand(T* y, uint32_t ld, uint32_t c0, uint32_t c1, uint32_t c2,
             }
         }
     }
-    T* yr = y + (size_t)m * ld + pick(z, c0, c1, c2) + n;
+    const size_t at = (size_t)m * ld + pick(z, c0, c1, c2) + n;
+    if (DELTA) {
 #pragma unroll
-    for (int e = 0; e < 8; e++) yr[e] = from_f<T>(to_f(yr[e]) + acc[e]);
+        for (int e = 0; e < 8; e++) out[at + e] = acc[e];
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) y[at + e] = from_f<T>(to_f(y[at + e]) + acc[e]);
+    }
 }
 
 #define LORA(T, SUFFIX)                                                                                      \
@@ -175,7 +189,13 @@ __device__ void expand(T* y, uint32_t ld, uint32_t c0, uint32_t c1, uint32_t c2,
         T* y, uint32_t ld, uint32_t c0, uint32_t c1, uint32_t c2, const float* tp, const T* b0, const T* b1, \
         const T* b2, const uint32_t* slot, const uint32_t* m0, const uint32_t* m1, const uint32_t* m2,       \
         uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2, uint32_t R, uint32_t KS) {                        \
-        expand<T>(y, ld, c0, c1, c2, tp, b0, b1, b2, slot, m0, m1, m2, S, N0, N1, N2, R, KS);                \
+        expand<T, false>(y, nullptr, ld, c0, c1, c2, tp, b0, b1, b2, slot, m0, m1, m2, S, N0, N1, N2, R, KS); \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) lora_delta_##SUFFIX(                               \
+        float* out, uint32_t ld, uint32_t c0, uint32_t c1, uint32_t c2, const float* tp, const T* b0,        \
+        const T* b1, const T* b2, const uint32_t* slot, const uint32_t* m0, const uint32_t* m1,              \
+        const uint32_t* m2, uint32_t S, uint32_t N0, uint32_t N1, uint32_t N2, uint32_t R, uint32_t KS) {    \
+        expand<T, true>(nullptr, out, ld, c0, c1, c2, tp, b0, b1, b2, slot, m0, m1, m2, S, N0, N1, N2, R, KS); \
     }
 
 LORA(float, f32)

@@ -39,6 +39,7 @@ pub fn add_rms_norm(
     w: &CudaStorage,
     wl: &Layout,
     eps: f32,
+    delta: Option<&Tensor>,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let (n, width) = xl.shape().dims2()?;
     if al.shape().dims2()? != (n, width) || wl.shape().elem_count() != width {
@@ -48,6 +49,9 @@ pub fn add_rms_norm(
     let func = dev.get_or_load_custom_func(&format!("add_rmsnorm_{}", suffix(x.dtype())?), FUSED_MODULE, FUSED_PTX)?;
     let ((x0, xn), (a0, an), (w0, wn)) = (contiguous(xl)?, contiguous(al)?, contiguous(wl)?);
     let (nu, wu) = (n as u32, width as u32);
+    let guard = delta_operand(delta, n, width)?;
+    let dview = guard.as_ref().map(view::<f32>).transpose()?;
+    let null = 0u64;
     macro_rules! launch {
         ($t:ty) => {{
             let out = unsafe { dev.alloc::<$t>(2 * n * width)? };
@@ -56,7 +60,12 @@ pub fn add_rms_norm(
                 let as_ = a.as_cuda_slice::<$t>()?.slice(a0..a0 + an);
                 let ws = w.as_cuda_slice::<$t>()?.slice(w0..w0 + wn);
                 let mut b = func.builder();
-                b.arg(&out).arg(&xs).arg(&as_).arg(&ws).arg(&nu).arg(&wu).arg(&eps);
+                b.arg(&out).arg(&xs).arg(&as_);
+                match &dview {
+                    Some(d) => b.arg(d),
+                    None => b.arg(&null),
+                };
+                b.arg(&ws).arg(&nu).arg(&wu).arg(&eps);
                 unsafe { b.launch(cfg(nu, NORM_THREADS)) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -71,8 +80,11 @@ pub fn add_rms_norm(
 }
 
 /// `silu(gate) * up` (`kernels/fused.cu`): `[N, I]`.
-pub fn silu_mul(gu: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+pub fn silu_mul(gu: &CudaStorage, l: &Layout, delta: Option<&Tensor>) -> candle_core::Result<(CudaStorage, Shape)> {
     let (n, two_i) = l.shape().dims2()?;
+    let guard = delta_operand(delta, n, two_i)?;
+    let dview = guard.as_ref().map(view::<f32>).transpose()?;
+    let null = 0u64;
     let i = two_i / 2;
     let dev = gu.device().clone();
     let func = dev.get_or_load_custom_func(&format!("silu_mul_{}", suffix(gu.dtype())?), FUSED_MODULE, FUSED_PTX)?;
@@ -85,7 +97,12 @@ pub fn silu_mul(gu: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorag
             if n * i > 0 {
                 let gs = gu.as_cuda_slice::<$t>()?.slice(g0..g0 + gn);
                 let mut b = func.builder();
-                b.arg(&out).arg(&gs).arg(&nu).arg(&iu);
+                b.arg(&out).arg(&gs);
+                match &dview {
+                    Some(d) => b.arg(d),
+                    None => b.arg(&null),
+                };
+                b.arg(&nu).arg(&iu);
                 unsafe { b.launch(cfg(blocks, 256)) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -105,10 +122,19 @@ type Operand<'a> = (candle_core::StorageRef<'a>, usize, usize);
 fn operand<'a>(t: &'a Tensor, what: &str) -> candle_core::Result<Operand<'a>> {
     let (s, l) = t.storage_and_layout();
     if !matches!(&*s, Storage::Cuda(_)) {
-        candle_core::bail!("rope-store: the {what} must be on the CUDA device");
+        candle_core::bail!("fused op: the {what} must be on the CUDA device");
     }
     let (o, n) = contiguous(l)?;
     Ok((s, o, n))
+}
+
+/// The read-locked f32 LoRA update `[n, width]` of an op's input, if any.
+fn delta_operand(delta: Option<&Tensor>, n: usize, width: usize) -> candle_core::Result<Option<Operand<'_>>> {
+    let Some(d) = delta else { return Ok(None) };
+    if d.dims() != [n, width] || d.dtype() != DType::F32 {
+        candle_core::bail!("fused op: LoRA delta {:?} {:?} for [{n}, {width}]", d.dims(), d.dtype());
+    }
+    Ok(Some(operand(d, "LoRA delta")?))
 }
 
 /// The device view of an operand as `T`.
@@ -119,19 +145,24 @@ fn view<'a, T: candle_core::cuda_backend::CudaDType>(
     Ok(c.as_cuda_slice::<T>()?.slice(op.1..op.1 + op.2))
 }
 
+/// The operands of [`rope_store`] besides the projection: the rows' RoPE tables and the
+/// projection's LoRA update (f32, same shape), if any.
+pub struct RopeInputs<'a> {
+    pub cos: (&'a CudaStorage, &'a Layout),
+    pub sin: (&'a CudaStorage, &'a Layout),
+    pub delta: Option<&'a Tensor>,
+}
+
 /// Rotated q | rotated k | v of the fused projection (`kernels/fused.cu`), the keys and values
 /// also stored into `cache` = (k pool, v pool, slots) when given.
-#[allow(clippy::too_many_arguments)]
 pub fn rope_store(
     qkv: &CudaStorage,
     ql: &Layout,
-    cos: &CudaStorage,
-    cl: &Layout,
-    sin: &CudaStorage,
-    sl: &Layout,
+    inputs: RopeInputs,
     dims: HeadDims,
     cache: Option<&(Tensor, Tensor, Tensor)>,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
+    let RopeInputs { cos: (cos, cl), sin: (sin, sl), delta } = inputs;
     let HeadDims { heads: h, kv_heads: kvh, head_dim: d } = dims;
     let (n, width) = ql.shape().dims2()?;
     if width != (h + 2 * kvh) * d || d % 2 != 0 || cl.shape().dims2()? != (n, d / 2) {
@@ -151,6 +182,9 @@ pub fn rope_store(
         None => None,
     };
     let ((q0, qn), (c0, cn), (s0, sn)) = (contiguous(ql)?, contiguous(cl)?, contiguous(sl)?);
+    let guard = delta_operand(delta, n, width)?;
+    let dview = guard.as_ref().map(view::<f32>).transpose()?;
+    let null = 0u64;
     let (nu, hu, kvhu, du) = (n as u32, h as u32, kvh as u32, d as u32);
     // Without a cache, every slot is SKIP_SLOT: a device buffer of that value stands in.
     let skip = match &pools {
@@ -179,7 +213,12 @@ pub fn rope_store(
                     // Never written (every slot is SKIP_SLOT): the output stands in for both pools.
                     None => b.arg(&out).arg(&out),
                 };
-                b.arg(&xs).arg(&cs).arg(&ss).arg(&slots).arg(&nu).arg(&hu).arg(&kvhu).arg(&du);
+                b.arg(&xs);
+                match &dview {
+                    Some(d) => b.arg(d),
+                    None => b.arg(&null),
+                };
+                b.arg(&cs).arg(&ss).arg(&slots).arg(&nu).arg(&hu).arg(&kvhu).arg(&du);
                 unsafe { b.launch(cfg(nu, ROPE_THREADS)) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(out, dev.clone())

@@ -1,7 +1,9 @@
 //! Launches of `kernels/lora.cu`: the batched multi-LoRA update of one projection, in place.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, DType, Layout, Storage, Tensor};
 use half::{bf16, f16};
@@ -45,7 +47,8 @@ impl candle_core::InplaceOp1 for Bgmv<'_> {
     }
 
     fn cuda_fwd(&self, y: &mut CudaStorage, yl: &Layout) -> candle_core::Result<()> {
-        launch(y, yl, self.0)
+        let main = y.device().cuda_stream();
+        launch(Out::InPlace(y, yl), self.0, &main)
     }
 }
 
@@ -104,15 +107,28 @@ fn part_columns(args: &BgmvArgs, m: usize, width: usize) -> candle_core::Result<
     Ok(cols)
 }
 
-fn launch(y: &mut CudaStorage, yl: &Layout, args: &BgmvArgs) -> candle_core::Result<()> {
+/// Where the expand writes: in place into the base output (`T`), or the update alone as f32.
+enum Out<'a> {
+    InPlace(&'a mut CudaStorage, &'a Layout),
+    Delta(&'a mut CudaStorage, &'a Layout),
+}
+
+fn launch(out: Out, args: &BgmvArgs, stream: &Arc<CudaStream>) -> candle_core::Result<()> {
+    let (storage, yl, delta) = match out {
+        Out::InPlace(s, l) => (s, l, false),
+        Out::Delta(s, l) => (s, l, true),
+    };
     let (m, width) = yl.shape().dims2()?;
     if m == 0 {
         return Ok(());
     }
     let cols = part_columns(args, m, width)?;
     let (s_count, r, k) = args.parts[0].1.dims3()?;
-    let dev = y.device().clone();
-    let dtype = y.dtype();
+    let dev = storage.device().clone();
+    let dtype = args.parts[0].1.dtype();
+    if !delta && storage.dtype() != dtype {
+        candle_core::bail!("lora-bgmv: output {:?}, factors {dtype:?}", storage.dtype());
+    }
     let suffix = match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -140,8 +156,11 @@ fn launch(y: &mut CudaStorage, yl: &Layout, args: &BgmvArgs) -> candle_core::Res
         (None, Some(o)) => o.slice(0..),
         (None, None) => unreachable!("allocated above"),
     };
-    let shrink = dev.get_or_load_custom_func(&format!("lora_shrink_{suffix}"), LORA_MODULE, LORA_PTX)?;
-    let expand = dev.get_or_load_custom_func(&format!("lora_expand_{suffix}"), LORA_MODULE, LORA_PTX)?;
+    let func = |name: &str| -> candle_core::Result<_> {
+        Ok(dev.get_or_load_custom_func(&format!("{name}_{suffix}"), LORA_MODULE, LORA_PTX)?.into_cuda_function())
+    };
+    let shrink = func("lora_shrink")?;
+    let expand = func(if delta { "lora_delta" } else { "lora_expand" })?;
     let ks = k.div_ceil(crate::engine::lora::op::SHRINK_CHUNK) as u32;
     let (su, ku, ru, ld) = (s_count as u32, k as u32, r as u32, width as u32);
     let n_max = cols.iter().map(|c| c.1).max().unwrap_or(0);
@@ -156,13 +175,21 @@ fn launch(y: &mut CudaStorage, yl: &Layout, args: &BgmvArgs) -> candle_core::Res
             let x = slice::<$ty>(&x)?;
             let a = [slice::<$ty>(&part(0).a)?, slice::<$ty>(&part(1).a)?, slice::<$ty>(&part(2).a)?];
             let bt = [slice::<$ty>(&part(0).bt)?, slice::<$ty>(&part(1).bt)?, slice::<$ty>(&part(2).bt)?];
-            let mut b = shrink.builder();
+            let mut b = stream.launch_builder(&shrink);
             b.arg(&tp).arg(&x).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&slot);
             b.arg(&metas[0]).arg(&metas[1]).arg(&metas[2]).arg(&su).arg(&ku).arg(&ru);
             unsafe { b.launch(shrink_cfg) }.w()?;
-            let mut yv = y.as_cuda_slice_mut::<$ty>()?.slice_mut(y0..y0 + yn);
-            let mut b = expand.builder();
-            b.arg(&mut yv).arg(&ld).arg(&cols[0].0).arg(&cols[1].0).arg(&cols[2].0).arg(&tp);
+            let mut b = stream.launch_builder(&expand);
+            let mut yv_t;
+            let mut yv_f;
+            if delta {
+                yv_f = storage.as_cuda_slice_mut::<f32>()?.slice_mut(y0..y0 + yn);
+                b.arg(&mut yv_f);
+            } else {
+                yv_t = storage.as_cuda_slice_mut::<$ty>()?.slice_mut(y0..y0 + yn);
+                b.arg(&mut yv_t);
+            }
+            b.arg(&ld).arg(&cols[0].0).arg(&cols[1].0).arg(&cols[2].0).arg(&tp);
             b.arg(&bt[0]).arg(&bt[1]).arg(&bt[2]).arg(&slot).arg(&metas[0]).arg(&metas[1]).arg(&metas[2]);
             b.arg(&su).arg(&cols[0].1).arg(&cols[1].1).arg(&cols[2].1).arg(&ru).arg(&ks);
             unsafe { b.launch(expand_cfg) }.w()?;
@@ -174,6 +201,51 @@ fn launch(y: &mut CudaStorage, yl: &Layout, args: &BgmvArgs) -> candle_core::Res
         _ => go!(f16),
     }
     Ok(())
+}
+
+struct Delta<'a>(&'a BgmvArgs<'a>, Option<&'a Arc<CudaStream>>);
+
+impl candle_core::InplaceOp1 for Delta<'_> {
+    fn name(&self) -> &'static str {
+        "lora-delta"
+    }
+
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("lora-delta: the CUDA kernel only")
+    }
+
+    fn cuda_fwd(&self, out: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        let main = out.device().cuda_stream();
+        match self.1 {
+            Some(side) => {
+                // Everything queued so far (the input, the output's allocation) first.
+                side.join(&main).w()?;
+                launch(Out::Delta(out, l), self.0, side)
+            }
+            None => launch(Out::Delta(out, l), self.0, &main),
+        }
+    }
+}
+
+/// The update alone into `delta: [M, W]` f32 (see `engine::lora::op::bgmv_delta`), on `side`
+/// when given (the caller joins it back with [`join_side`]).
+pub fn bgmv_delta_cuda(delta: &Tensor, args: &BgmvArgs, side: Option<&Arc<CudaStream>>) -> candle_core::Result<()> {
+    let n = args.parts.len();
+    if n == 0 || n > MAX_PARTS {
+        candle_core::bail!("lora-delta: 1 to {MAX_PARTS} projections per launch, not {n}");
+    }
+    delta.inplace_op1(&Delta(args, side))
+}
+
+/// The device's stream waits for everything queued on `side` so far.
+pub fn join_side(dev: &candle_core::CudaDevice, side: &Arc<CudaStream>) -> candle_core::Result<()> {
+    dev.cuda_stream().join(side).w()
+}
+
+/// A new stream of `dev`'s context at the greatest priority the device offers.
+pub fn high_priority_stream(dev: &candle_core::CudaDevice) -> candle_core::Result<Arc<CudaStream>> {
+    let (_, greatest) = candle_core::cuda_backend::cudarc::driver::result::stream::get_priority_range().w()?;
+    dev.cuda_stream().context().new_stream_with_priority(greatest).w()
 }
 
 struct UploadAt<'a> {

@@ -110,6 +110,90 @@ pub fn bgmv_columns(y: Tensor, x: &Tensor, parts: &[(usize, &Stacked)], row_slot
     Ok(Tensor::cat(&pieces, 1)?)
 }
 
+/// A second stream of the model's device on which LoRA kernels run concurrently with the base
+/// GEMM that reads the same input (CUDA; see [`bgmv_delta`]).
+#[derive(Clone)]
+pub struct SideStream {
+    #[cfg(feature = "cuda")]
+    pub(crate) stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+}
+
+impl std::fmt::Debug for SideStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SideStream")
+    }
+}
+
+impl SideStream {
+    /// A new stream of `device` at the highest priority (its small kernels then take a
+    /// multiprocessor as soon as one frees, rather than queueing behind a GEMM's blocks);
+    /// `None` off CUDA.
+    pub fn new(device: &Device) -> Result<Option<Self>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device {
+            return Ok(Some(Self { stream: crate::engine::cuda::lora::high_priority_stream(dev)? }));
+        }
+        let _ = device;
+        Ok(None)
+    }
+}
+
+/// The LoRA update of a fused projection, in flight on a side stream ([`bgmv_delta`]).
+pub struct PendingDelta {
+    delta: Tensor,
+    side: Option<SideStream>,
+}
+
+impl PendingDelta {
+    /// `[M, W]` f32: the update, once the model's stream has waited for the side stream (the
+    /// consumer adds it to the base output).
+    pub fn finish(self) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let (Some(side), Device::Cuda(dev)) = (&self.side, self.delta.device()) {
+            crate::engine::cuda::lora::join_side(dev, &side.stream)?;
+        }
+        let _ = &self.side;
+        Ok(self.delta)
+    }
+}
+
+/// The LoRA update alone of projections whose outputs are the consecutive column ranges
+/// `parts` of a `[M, width]` product (the parts cover it all), as f32: the semantics of
+/// [`bgmv_columns`] on a zero output. On CUDA with `side`, the kernels are queued on the side
+/// stream after everything queued so far on the model's stream (so they may run while the base
+/// GEMM that follows runs), and [`PendingDelta::finish`] joins them back.
+pub fn bgmv_delta(
+    x: &Tensor,
+    parts: &[(usize, &Stacked)],
+    width: usize,
+    row_slot: &Tensor,
+    side: Option<&SideStream>,
+) -> Result<PendingDelta> {
+    let covered: usize = parts.iter().map(|(_, w)| w.bt.dims().get(2).copied().unwrap_or(0)).sum();
+    if covered != width {
+        return Err(crate::engine::EngineError::Weights(format!("LoRA delta: parts cover {covered} of {width} columns")));
+    }
+    let m = x.dim(0)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let x = x.contiguous()?;
+        // SAFETY: the delta kernel writes every element (the parts cover every column, rows
+        // without an adapter get zeros) before anything reads it.
+        let delta = unsafe { Tensor::empty((m, width), candle_core::DType::F32, x.device())? };
+        let args = crate::engine::cuda::lora::BgmvArgs {
+            x: &x,
+            slot: row_slot,
+            parts: parts.iter().map(|&(col, w)| (col, &w.a, &w.bt, &w.meta)).collect(),
+            scratch: parts.first().and_then(|(_, w)| w.scratch.as_ref()),
+        };
+        crate::engine::cuda::lora::bgmv_delta_cuda(&delta, &args, side.map(|s| &s.stream))?;
+        return Ok(PendingDelta { delta, side: side.cloned() });
+    }
+    let _ = side;
+    let zeros = Tensor::zeros((m, width), candle_core::DType::F32, x.device())?;
+    Ok(PendingDelta { delta: bgmv_columns(zeros, x, parts, row_slot)?, side: None })
+}
+
 /// The plain loops of [`bgmv`] on the host, f32 sums, one rounding to `y`'s dtype per output
 /// (the oracle the kernel is checked against).
 pub fn bgmv_reference(y: &Tensor, x: &Tensor, w: &Stacked, row_slot: &Tensor) -> Result<Tensor> {

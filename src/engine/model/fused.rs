@@ -13,9 +13,9 @@
 use candle_core::Tensor;
 
 use super::layers::{OpsMode, Proj};
-use super::{proj, Attend, Llama, LoraCtx};
+use super::{Attend, Llama, LoraCtx};
 use crate::engine::attention::PagedPlan;
-use crate::engine::lora::op::{apply_lora, bgmv_columns};
+use crate::engine::lora::op::{apply_lora, bgmv_delta, PendingDelta, SideStream, Stacked};
 use crate::engine::lora::{LoraModule, ProjKey};
 use crate::engine::model::fused_ops::{self, add_rms_norm, rope_store, silu_mul, HeadDims};
 use crate::engine::Result;
@@ -65,6 +65,7 @@ impl Llama {
             });
         }
         self.fused = fused;
+        self.lora_stream = SideStream::new(&self.device)?;
         Ok(self)
     }
 
@@ -105,6 +106,11 @@ impl Llama {
 
     /// Every decoder layer, fused, over `x: [N, hidden]` (the residual stream before the final
     /// norm is returned, as the plain forward does).
+    ///
+    /// With adapters through the batched kernels, each projection group's LoRA update is queued
+    /// on the side stream before its base GEMM (both read the same input, so they run at the
+    /// same time) and added by the op that consumes the GEMM's output: the adapters' small,
+    /// latency-bound kernels leave the critical path.
     pub(super) fn fused_layers_forward(
         &self,
         mut x: Tensor,
@@ -114,56 +120,97 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let dims = HeadDims { heads: cfg.num_attention_heads, kv_heads: cfg.num_key_value_heads, head_dim: cfg.head_dim };
-        let (qd, kvd, inter) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let (qd, kvd, inter, hidden) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.hidden_size);
+        let side = self.lora_stream.as_ref();
         let mut h = self.layers[0].input_layernorm.forward(&x, self.mode)?;
         for (l, (block, fused)) in self.layers.iter().zip(&self.fused).enumerate() {
-            let qkv = fused.qkv.forward(&h)?;
-            let qkv = lora_columns(qkv, &h, l, &[(LoraModule::Q, qd), (LoraModule::K, kvd), (LoraModule::V, kvd)], lora)?;
-            let (q, k, v) = rope_store(&qkv, cos, sin, dims, Some(plan.kv_target(l)))?;
-            let o = plan.attend_stored(l, &q, &k, &v, self.mode)?;
-            let a = proj(&block.self_attn.o_proj, &o, l, LoraModule::O, lora)?;
+            let qkv_parts = [(LoraModule::Q, qd), (LoraModule::K, kvd), (LoraModule::V, kvd)];
+            let pending = LoraStep::start(lora, &h, l, &qkv_parts, side)?;
+            let (qkv, delta) = pending.finish(fused.qkv.forward(&h)?, &h)?;
+            let (q, k, v) = rope_store(&qkv, delta.as_ref(), cos, sin, dims, Some(plan.kv_target(l)))?;
+            let o = plan.attend_stored(l, &q, &k, &v, self.mode)?.contiguous()?;
+            let pending = LoraStep::start(lora, &o, l, &[(LoraModule::O, hidden)], side)?;
+            let (a, delta) = pending.finish(block.self_attn.o_proj.forward(&o)?, &o)?;
             let post = &block.post_attention_layernorm;
-            let (x1, h1) = add_rms_norm(&x, &a, post.weight(), post.eps())?;
-            let gu = fused.gate_up.forward(&h1)?;
-            let gu = lora_columns(gu, &h1, l, &[(LoraModule::Gate, inter), (LoraModule::Up, inter)], lora)?;
-            let d = proj(&block.mlp.down_proj, &silu_mul(&gu)?, l, LoraModule::Down, lora)?;
+            let (x1, h1) = add_rms_norm(&x, &a, delta.as_ref(), post.weight(), post.eps())?;
+            let pending = LoraStep::start(lora, &h1, l, &[(LoraModule::Gate, inter), (LoraModule::Up, inter)], side)?;
+            let (gu, delta) = pending.finish(fused.gate_up.forward(&h1)?, &h1)?;
+            let m = silu_mul(&gu, delta.as_ref())?;
+            let pending = LoraStep::start(lora, &m, l, &[(LoraModule::Down, hidden)], side)?;
+            let (d, delta) = pending.finish(block.mlp.down_proj.forward(&m)?, &m)?;
             match self.layers.get(l + 1) {
                 Some(next) => {
                     let norm = &next.input_layernorm;
-                    (x, h) = add_rms_norm(&x1, &d, norm.weight(), norm.eps())?;
+                    (x, h) = add_rms_norm(&x1, &d, delta.as_ref(), norm.weight(), norm.eps())?;
                 }
-                None => x = (x1 + d)?,
+                None => {
+                    let d = match delta {
+                        Some(delta) => (d.to_dtype(candle_core::DType::F32)? + delta)?.to_dtype(d.dtype())?,
+                        None => d,
+                    };
+                    x = (x1 + d)?;
+                }
             }
         }
         Ok(x)
     }
 }
 
-fn next(it: &mut impl Iterator<Item = Proj>) -> Proj {
-    it.next().expect("one view per size")
+/// The LoRA work of one projection group (`parts`: module and width, in column order of the
+/// group's fused output) of one layer.
+enum LoraStep<'a> {
+    /// No adapters in this forward.
+    Base,
+    /// Through the batched kernels: the update, in flight.
+    Delta(PendingDelta),
+    /// Through the grouped GEMMs (long prefills, weights not stacked), after the base GEMM.
+    Grouped { ctx: &'a LoraCtx<'a>, layer: usize, parts: Vec<(LoraModule, usize)> },
 }
 
-/// The LoRA updates of projections whose outputs are consecutive column ranges of `y`
-/// (`parts`: module and width, in column order): one launch pair through the batched kernels,
-/// else per projection through the grouped GEMMs.
-fn lora_columns(
-    y: Tensor,
-    x: &Tensor,
-    layer: usize,
-    parts: &[(LoraModule, usize)],
-    lora: Option<&LoraCtx>,
-) -> Result<Tensor> {
-    let Some(ctx) = lora else { return Ok(y) };
-    let keys: Vec<ProjKey> = parts.iter().map(|&(module, _)| ProjKey { layer, module }).collect();
-    let stacked: Option<Vec<_>> = keys.iter().map(|&k| ctx.weights.stacked(k)).collect();
-    let cols: Vec<usize> = parts.iter().scan(0, |at, &(_, n)| Some(std::mem::replace(at, *at + n))).collect();
-    if let (Some(slots), Some(ws)) = (&ctx.row_slots, &stacked) {
-        let with_cols: Vec<_> = cols.iter().copied().zip(ws.iter()).collect();
-        return bgmv_columns(y, x, &with_cols, slots);
+impl<'a> LoraStep<'a> {
+    fn start(
+        lora: Option<&'a LoraCtx<'a>>,
+        x: &Tensor,
+        layer: usize,
+        parts: &[(LoraModule, usize)],
+        side: Option<&SideStream>,
+    ) -> Result<Self> {
+        let Some(ctx) = lora else { return Ok(Self::Base) };
+        let stacked: Option<Vec<Stacked>> =
+            parts.iter().map(|&(module, _)| ctx.weights.stacked(ProjKey { layer, module })).collect();
+        match (&ctx.row_slots, stacked) {
+            (Some(slots), Some(ws)) => {
+                let cols = columns(parts);
+                let with_cols: Vec<(usize, &Stacked)> = cols.iter().copied().zip(ws.iter()).collect();
+                let width = parts.iter().map(|p| p.1).sum();
+                Ok(Self::Delta(bgmv_delta(x, &with_cols, width, slots, side)?))
+            }
+            _ => Ok(Self::Grouped { ctx, layer, parts: parts.to_vec() }),
+        }
     }
-    let mut pieces = Vec::with_capacity(parts.len());
-    for ((&(_, n), &col), key) in parts.iter().zip(&cols).zip(keys) {
-        pieces.push(apply_lora(y.narrow(1, col, n)?.contiguous()?, x, key, &ctx.rows, ctx.weights)?);
+
+    /// The group's output `y` (base GEMM of `x`) and the update its consumer adds, if any.
+    fn finish(self, y: Tensor, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Self::Base => Ok((y, None)),
+            Self::Delta(pending) => Ok((y, Some(pending.finish()?))),
+            Self::Grouped { ctx, layer, parts } => {
+                let mut pieces = Vec::with_capacity(parts.len());
+                for (&(module, n), col) in parts.iter().zip(columns(&parts)) {
+                    let key = ProjKey { layer, module };
+                    pieces.push(apply_lora(y.narrow(1, col, n)?.contiguous()?, x, key, &ctx.rows, ctx.weights)?);
+                }
+                Ok((Tensor::cat(&pieces, 1)?, None))
+            }
+        }
     }
-    Ok(Tensor::cat(&pieces, 1)?)
+}
+
+/// First column of each part.
+fn columns(parts: &[(LoraModule, usize)]) -> Vec<usize> {
+    parts.iter().scan(0, |at, &(_, n)| Some(std::mem::replace(at, *at + n))).collect()
+}
+
+fn next(it: &mut impl Iterator<Item = Proj>) -> Proj {
+    it.next().expect("one view per size")
 }

@@ -16,15 +16,37 @@ use crate::engine::attention::paged_ops::{self, contiguous};
 use crate::engine::Result;
 
 /// `(s, h)` with `s = x + a` (the new residual stream) and `h = rmsnorm(s) * w`; `x, a: [N, W]`,
-/// `w: [W]`, all contiguous of one dtype.
-pub fn add_rms_norm(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let out = x.contiguous()?.apply_op3_no_bwd(&a.contiguous()?, w, &AddRmsNorm { eps: eps as f32 })?;
+/// `w: [W]`, all contiguous of one dtype. `delta`: `[N, W]` f32 LoRA update of `a`, added
+/// (and rounded) first.
+pub fn add_rms_norm(x: &Tensor, a: &Tensor, delta: Option<&Tensor>, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (a, delta) = split_delta(a, delta)?;
+    let out = x.contiguous()?.apply_op3_no_bwd(&a.contiguous()?, w, &AddRmsNorm { eps: eps as f32, delta })?;
     Ok((out.get(0)?, out.get(1)?))
 }
 
-/// `silu(gate) * up` of `gu = [gate | up]: [N, 2I]` -> `[N, I]`.
-pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
-    Ok(gu.contiguous()?.apply_op1_no_bwd(&SiluMul)?)
+/// `silu(gate) * up` of `gu = [gate | up]: [N, 2I]` -> `[N, I]` (`delta`: as for
+/// [`add_rms_norm`], of `gu`).
+pub fn silu_mul(gu: &Tensor, delta: Option<&Tensor>) -> Result<Tensor> {
+    let (gu, delta) = split_delta(gu, delta)?;
+    Ok(gu.contiguous()?.apply_op1_no_bwd(&SiluMul { delta })?)
+}
+
+/// `round(t + delta)`: on the CPU applied here; on CUDA handed to the kernel, which adds it as
+/// it reads `t` (no extra launch). Returns the op's input and the delta it is left to add.
+fn split_delta(t: &Tensor, delta: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    let Some(d) = delta else { return Ok((t.clone(), None)) };
+    if d.dims() != t.dims() || d.dtype() != DType::F32 {
+        return Err(crate::engine::EngineError::Weights(format!(
+            "LoRA delta {:?} {:?} for an input {:?}",
+            d.dims(),
+            d.dtype(),
+            t.dims()
+        )));
+    }
+    if t.device().is_cuda() {
+        return Ok((t.clone(), Some(d.contiguous()?)));
+    }
+    Ok(((t.to_dtype(DType::F32)? + d)?.to_dtype(t.dtype())?, None))
 }
 
 /// Head counts of [`rope_store`].
@@ -43,17 +65,19 @@ pub struct KvTarget<'a> {
     pub slots: &'a Tensor,
 }
 
-/// Splits the fused projection `qkv: [N, (H + 2 KVH) D]` into rotated `q: [N, H, D]`, rotated
-/// `k: [N, KVH, D]` and `v: [N, KVH, D]` (`cos`, `sin`: `[N, D / 2]` per row), storing `k`, `v`
-/// in `target`'s pool rows. One launch on CUDA (the write included); on the CPU the write is
+/// Splits the fused projection `qkv: [N, (H + 2 KVH) D]` (plus its LoRA `delta`, as for
+/// [`add_rms_norm`]) into rotated `q: [N, H, D]`, rotated `k: [N, KVH, D]` and `v: [N, KVH, D]`
+/// (`cos`, `sin`: `[N, D / 2]` per row), storing `k`, `v` in `target`'s pool rows. One launch on CUDA (the write included); on the CPU the write is
 /// [`paged_ops::write_kv`].
 pub fn rope_store(
     qkv: &Tensor,
+    delta: Option<&Tensor>,
     cos: &Tensor,
     sin: &Tensor,
     dims: HeadDims,
     target: Option<KvTarget>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let (qkv, delta) = split_delta(qkv, delta)?;
     let n = qkv.dim(0)?;
     let HeadDims { heads: h, kv_heads: kvh, head_dim: d } = dims;
     let on_device = qkv.device().is_cuda();
@@ -61,7 +85,8 @@ pub fn rope_store(
         .as_ref()
         .filter(|_| on_device)
         .map(|t| (t.k_cache.clone(), t.v_cache.clone(), t.slots.clone()));
-    let out = qkv.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeStore { dims, cache })?;
+    let op = RopeStore { dims, cache, delta };
+    let out = qkv.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;
     let q = out.narrow(0, 0, n * h * d)?.reshape((n, h, d))?;
     let k = out.narrow(0, n * h * d, n * kvh * d)?.reshape((n, kvh, d))?;
     let v = out.narrow(0, n * (h + kvh) * d, n * kvh * d)?.reshape((n, kvh, d))?;
@@ -103,8 +128,11 @@ fn round_like(like: &CpuStorage, v: f32) -> f32 {
     }
 }
 
+/// The ops below carry the LoRA delta of their input on CUDA only (see [`split_delta`]).
 struct AddRmsNorm {
     eps: f32,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    delta: Option<Tensor>,
 }
 
 impl CustomOp3 for AddRmsNorm {
@@ -149,11 +177,14 @@ impl CustomOp3 for AddRmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::engine::cuda::fused::add_rms_norm(x, xl, a, al, w, wl, self.eps)
+        crate::engine::cuda::fused::add_rms_norm(x, xl, a, al, w, wl, self.eps, self.delta.as_ref())
     }
 }
 
-struct SiluMul;
+struct SiluMul {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    delta: Option<Tensor>,
+}
 
 impl CustomOp1 for SiluMul {
     fn name(&self) -> &'static str {
@@ -176,7 +207,7 @@ impl CustomOp1 for SiluMul {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, gu: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::engine::cuda::fused::silu_mul(gu, l)
+        crate::engine::cuda::fused::silu_mul(gu, l, self.delta.as_ref())
     }
 }
 
@@ -185,6 +216,8 @@ struct RopeStore {
     dims: HeadDims,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     cache: Option<(Tensor, Tensor, Tensor)>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    delta: Option<Tensor>,
 }
 
 impl CustomOp3 for RopeStore {
@@ -237,7 +270,8 @@ impl CustomOp3 for RopeStore {
         sin: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::engine::cuda::fused::rope_store(qkv, ql, cos, cl, sin, sl, self.dims, self.cache.as_ref())
+        let inputs = crate::engine::cuda::fused::RopeInputs { cos: (cos, cl), sin: (sin, sl), delta: self.delta.as_ref() };
+        crate::engine::cuda::fused::rope_store(qkv, ql, inputs, self.dims, self.cache.as_ref())
     }
 }
 

@@ -121,6 +121,8 @@ pub struct Llama {
     /// Each layer's fused q|k|v and gate|up weights (empty: the plain layer); see
     /// [`Llama::with_fused_projections`].
     fused: Vec<fused::FusedBlock>,
+    /// Where the fused layer runs its LoRA kernels (CUDA), concurrent with the base GEMMs.
+    lora_stream: Option<crate::engine::lora::op::SideStream>,
     dtype: DType,
     device: Device,
 }
@@ -172,6 +174,7 @@ impl Llama {
             skinny_rows: 0,
             grouped_attention: true,
             fused: Vec::new(),
+            lora_stream: None,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         }
