@@ -64,7 +64,9 @@ pub fn fused_ops(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec
             tol,
         ));
     }
-    for (h, kvh, d, with_delta) in [(32usize, 8usize, 128usize, false), (9, 3, 64, false), (4, 2, 16, false), (32, 8, 128, true)] {
+    for (h, kvh, d, with_delta) in
+        [(32usize, 8usize, 128usize, false), (9, 3, 64, false), (4, 2, 16, false), (32, 8, 128, true)]
+    {
         out.push(rope_store_check(rng, device, dtype, HeadDims { heads: h, kv_heads: kvh, head_dim: d }, with_delta)?);
     }
     Ok(out)
@@ -126,7 +128,11 @@ pub fn references(seed: u64) -> anyhow::Result<Vec<Outcome>> {
     let (s, hn) = add_rms_norm(&x, &a, None, &w, 1e-5)?;
     let sum = (&x + &a)?;
     let plain = candle_nn::ops::rms_norm(&sum, &w, 1e-5)?;
-    out.push(Outcome::rel("add_rms_norm reference = add, rms_norm", rel_err(&s, &sum)?.max(rel_err(&hn, &plain)?), tol));
+    out.push(Outcome::rel(
+        "add_rms_norm reference = add, rms_norm",
+        rel_err(&s, &sum)?.max(rel_err(&hn, &plain)?),
+        tol,
+    ));
     let gu = randn(rng, &[5, 2 * 48], 1.0)?;
     let plain = (candle_nn::ops::silu(&gu.narrow(1, 0, 48)?)? * gu.narrow(1, 48, 48)?)?;
     out.push(Outcome::rel("silu_mul reference = silu, mul", rel_err(&silu_mul(&gu, None)?, &plain)?, tol));

@@ -84,7 +84,6 @@ pub fn causal_mask(l: usize, s: usize, past: usize, dtype: DType, device: &Devic
     Ok(visible.where_cond(&zeros, &blocked)?)
 }
 
-/// One sequence of the batch with more than one new token (a prefill chunk).
 /// Prefill chunks with at most this many (query, key) pairs (`len * (past + len)`) attend
 /// through the paged decode kernel, one query row per token over its causal prefix, rather than
 /// as SDPA. Each row then reads its whole prefix (from L2: a short sequence's keys fit there),
@@ -94,6 +93,7 @@ pub fn causal_mask(l: usize, s: usize, past: usize, dtype: DType, device: &Devic
 /// each key once per query block.
 const SHORT_PREFILL_PAIRS: usize = 256 * 1024;
 
+/// One sequence of the batch with more than one new token (a prefill chunk) that runs as SDPA.
 #[derive(Debug)]
 struct PrefillSeq {
     start: usize,

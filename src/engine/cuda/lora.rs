@@ -102,7 +102,10 @@ fn part_columns(args: &BgmvArgs, m: usize, width: usize) -> candle_core::Result<
         cols[i] = (col as u32, n as u32);
     }
     if k % 8 != 0 || r > MAX_RANK || args.x.dims2()? != (m, k) {
-        candle_core::bail!("lora-bgmv: x {:?} for K = {k} (a multiple of 8), R = {r} (at most {MAX_RANK})", args.x.dims());
+        candle_core::bail!(
+            "lora-bgmv: x {:?} for K = {k} (a multiple of 8), R = {r} (at most {MAX_RANK})",
+            args.x.dims()
+        );
     }
     Ok(cols)
 }

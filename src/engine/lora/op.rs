@@ -171,7 +171,9 @@ pub fn bgmv_delta(
 ) -> Result<PendingDelta> {
     let covered: usize = parts.iter().map(|(_, w)| w.bt.dims().get(2).copied().unwrap_or(0)).sum();
     if covered != width {
-        return Err(crate::engine::EngineError::Weights(format!("LoRA delta: parts cover {covered} of {width} columns")));
+        return Err(crate::engine::EngineError::Weights(format!(
+            "LoRA delta: parts cover {covered} of {width} columns"
+        )));
     }
     let m = x.dim(0)?;
     #[cfg(feature = "cuda")]

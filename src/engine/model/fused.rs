@@ -119,7 +119,8 @@ impl Llama {
         lora: Option<&LoraCtx>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let dims = HeadDims { heads: cfg.num_attention_heads, kv_heads: cfg.num_key_value_heads, head_dim: cfg.head_dim };
+        let dims =
+            HeadDims { heads: cfg.num_attention_heads, kv_heads: cfg.num_key_value_heads, head_dim: cfg.head_dim };
         let (qd, kvd, inter, hidden) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.hidden_size);
         let side = self.lora_stream.as_ref();
         let mut h = self.layers[0].input_layernorm.forward(&x, self.mode)?;

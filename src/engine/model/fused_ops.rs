@@ -81,10 +81,7 @@ pub fn rope_store(
     let n = qkv.dim(0)?;
     let HeadDims { heads: h, kv_heads: kvh, head_dim: d } = dims;
     let on_device = qkv.device().is_cuda();
-    let cache = target
-        .as_ref()
-        .filter(|_| on_device)
-        .map(|t| (t.k_cache.clone(), t.v_cache.clone(), t.slots.clone()));
+    let cache = target.as_ref().filter(|_| on_device).map(|t| (t.k_cache.clone(), t.v_cache.clone(), t.slots.clone()));
     let op = RopeStore { dims, cache, delta };
     let out = qkv.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &op)?;
     let q = out.narrow(0, 0, n * h * d)?.reshape((n, h, d))?;
@@ -206,7 +203,11 @@ impl CustomOp1 for SiluMul {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, gu: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        gu: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         crate::engine::cuda::fused::silu_mul(gu, l, self.delta.as_ref())
     }
 }
@@ -270,7 +271,8 @@ impl CustomOp3 for RopeStore {
         sin: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let inputs = crate::engine::cuda::fused::RopeInputs { cos: (cos, cl), sin: (sin, sl), delta: self.delta.as_ref() };
+        let inputs =
+            crate::engine::cuda::fused::RopeInputs { cos: (cos, cl), sin: (sin, sl), delta: self.delta.as_ref() };
         crate::engine::cuda::fused::rope_store(qkv, ql, inputs, self.dims, self.cache.as_ref())
     }
 }
