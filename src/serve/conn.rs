@@ -265,7 +265,7 @@ impl CapLog {
 
 const REFUSAL_BODY: &str = r#"{"error":{"message":"too many open connections (--max-connections); retry later","type":"server_error","param":null,"code":"overloaded"}}"#;
 
-/// The 503 a connection over the cap gets, written without reading its request.
+/// The 503 a connection over the cap gets (its request head read and ignored).
 fn refusal() -> String {
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{REFUSAL_BODY}",
@@ -319,7 +319,22 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, shutd
 }
 
 /// Writes the 503 to a connection over the cap, then gives the client a moment to read it.
+///
+/// The request head is read first (for at most 250 ms): a reply that arrives while the client
+/// is still writing its request reads, to an HTTP client, as a response to nothing (hyper:
+/// `UnexpectedMessage`), which a loaded machine made a flaky test of.
 async fn refuse(mut stream: TcpStream, _permit: tokio::sync::OwnedSemaphorePermit) {
+    let _ = tokio::time::timeout(Duration::from_millis(250), async {
+        let mut head = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(refusal().as_bytes()).await;
         let _ = stream.shutdown().await;

@@ -8,6 +8,7 @@ use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 use crate::engine::attention::paged_ops::contiguous;
+use crate::engine::cuda::kernels::suffix;
 use crate::engine::model::fused_ops::HeadDims;
 
 const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -16,15 +17,6 @@ const FUSED_MODULE: &str = "lab_fused";
 const NORM_THREADS: u32 = 512;
 /// Threads per block of `rope_store` (one block per row).
 const ROPE_THREADS: u32 = 256;
-
-fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        d => candle_core::bail!("fused kernels: no kernel for {d:?}"),
-    })
-}
 
 fn cfg(grid: u32, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }

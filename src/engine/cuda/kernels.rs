@@ -34,7 +34,8 @@ const TARGET_BLOCKS: usize = 264;
 /// Shared memory a block may use without opting in.
 const SHARED_LIMIT: u32 = 48 * 1024;
 
-fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+/// The kernels' name suffix for `dtype` (`_f32`, `_bf16`, `_f16` instantiations).
+pub(crate) fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
