@@ -4,9 +4,10 @@
 //! A layer of the plain forward is ~17 launches at decode (norm, q, k, v, two RoPEs, two KV
 //! writes, attention, o, add, norm, gate, up, silu, mul, down, add); this one is 8 (qkv,
 //! rope+store, attention, o, add+norm, gate|up, silu*up, down, then the next layer's add+norm).
-//! At batch 1 on the H200 a step is 5.3 ms against a 3.6 ms floor, and the launch boundaries
-//! (gap, ramp, tail of each of ~550 kernels) are most of the difference, so this path serves
-//! every paged forward of an inference model that has it ([`Llama::with_fused_projections`]).
+//! At batch 1 on the H200 the plain step was 5.3 ms against a 3.6 ms floor, most of it launch
+//! boundaries (gap, ramp, tail of each of ~550 kernels); fused it is 4.8 ms (BENCHMARKS.md,
+//! session 7), so this path serves every paged forward of an inference model that has it
+//! ([`Llama::with_fused_projections`]).
 //! The weights of q, k, v (gate, up) become row ranges of one tensor; the per-projection
 //! [`Proj`]s stay as views of it, so training and the per-sequence path are unchanged.
 

@@ -9,6 +9,10 @@
 //! rope_store(qkv):       qkv = [q | k | v] per row;  q, k rotated (HF rotate_half), v as is;
 //!                        with a cache: kc[slots[t]] = k[t], vc[slots[t]] = v[t]
 //! ```
+//!
+//! Each takes an optional `delta` (f32, the shape of the input it applies to: `a`, `gu`,
+//! `qkv`): the LoRA update of the projection that produced that input, computed on the side
+//! stream (`engine::lora::op::bgmv_delta`), added and rounded once before the op proper.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 
