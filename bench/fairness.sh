@@ -6,7 +6,8 @@
 # under ${OUT:-bench/out/fairness}.
 #   bash bench/fairness.sh ADAPTER_DIR [QUIET_QPS_EACH] [SECONDS]
 # SERVE_FLAGS adds serve flags (e.g. "--max-num-seqs 8": a bounded running set, so a queue
-# forms under overload and the admission order decides who runs).
+# forms under overload and the admission order decides who runs). CAP=N adds a fourth run:
+# fair with --max-running-per-tenant N (headroom the quiet tenants find free on arrival).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ADAPTER=${1:?usage: bash bench/fairness.sh ADAPTER_DIR [QUIET_QPS_EACH] [SECONDS]}
@@ -21,7 +22,7 @@ for t in q1 q2 q3 q4 noisy; do MODS+=("$t=$ADAPTER"); done
 run() { # $1 = name, $2 = policy, $3 = models, $4 = qps, rest = loadtest flags
   local name=$1 policy=$2 models=$3 qps=$4; shift 4
   # shellcheck disable=SC2086
-  $LAB serve --port $PORT --scheduling-policy "$policy" --max-loras 8 ${SERVE_FLAGS:-} --lora-modules "${MODS[@]}" \
+  $LAB serve --port $PORT --scheduling-policy "$policy" --max-loras 8 ${SERVE_FLAGS:-} ${RUN_FLAGS:-} --lora-modules "${MODS[@]}" \
     > "$OUT/serve-$name.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 120); do grep -q "listening on" "$OUT/serve-$name.log" && break; sleep 1; done
@@ -34,3 +35,6 @@ all=$(python3 -c "print(round(14 * $Q, 4))")
 run quiet-alone fcfs q1,q2,q3,q4 "$quiet" --mix uniform
 run fcfs fcfs q1,q2,q3,q4,noisy "$all" --mix weights:noisy=10
 run fair fair q1,q2,q3,q4,noisy "$all" --mix weights:noisy=10
+if [[ -n ${CAP:-} ]]; then
+  RUN_FLAGS="--max-running-per-tenant $CAP" run "fair-cap$CAP" fair q1,q2,q3,q4,noisy "$all" --mix weights:noisy=10
+fi
