@@ -209,11 +209,13 @@ struct TinyExpected {
 }
 
 /// The tiny HF Llama with two PEFT adapters (made by PEFT itself) on the device, through the
-/// paged path, against the logits PEFT computed.
+/// fused layer on the paged path, against the logits PEFT computed.
 pub fn peft_parity(device: &Device, dtype: DType, fixtures: &Path) -> anyhow::Result<Vec<Outcome>> {
     let files = local_dir_files(&fixtures.join("tiny-llama"), "tiny-llama")?;
     let (cfg, vb) = weights::open(&files, dtype, device)?;
-    let model = Llama::load(vb, &cfg)?.with_paged_kernels(true);
+    // The fused layer, as `load_model` sets it up on CUDA; these adapters are a plain list
+    // (not a slot bank), so its LoRA takes the grouped GEMMs over column ranges.
+    let model = Llama::load(vb, &cfg)?.with_paged_kernels(true).with_fused_projections()?;
     let text = std::fs::read_to_string(fixtures.join("peft-tiny/expected.json"))?;
     let exp: TinyExpected = serde_json::from_str(&text)?;
     let load = |name: &str| LoraAdapter::load(&fixtures.join(format!("peft-tiny/{name}")), &cfg, 16, dtype, device);
