@@ -135,17 +135,8 @@ impl CustomOp3 for PagedDecode {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, h, d) = ql.shape().dims3()?;
         let kvh = kl.shape().dims3()?.1;
-        let to_f32 = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Vec<f32>> {
-            let (o, n) = contiguous(l)?;
-            Ok(match s {
-                CpuStorage::F32(x) => x[o..o + n].to_vec(),
-                CpuStorage::BF16(x) => x[o..o + n].iter().map(|v| v.to_f32()).collect(),
-                CpuStorage::F16(x) => x[o..o + n].iter().map(|v| v.to_f32()).collect(),
-                CpuStorage::F64(x) => x[o..o + n].iter().map(|&v| v as f32).collect(),
-                _ => candle_core::bail!("paged-decode-attention: float tensors only"),
-            })
-        };
-        let (qf, kf, vf) = (to_f32(q, ql)?, to_f32(k, kl)?, to_f32(v, vl)?);
+        let op = "paged-decode-attention";
+        let (qf, kf, vf) = (host_f32(q, ql, op)?, host_f32(k, kl, op)?, host_f32(v, vl, op)?);
         let meta = &self.meta;
         let rows = meta.rows.to_vec1::<u32>()?;
         let tables = meta.tables.flatten_all()?.to_vec1::<u32>()?;
@@ -153,12 +144,7 @@ impl CustomOp3 for PagedDecode {
         let out =
             decode_reference(&qf, &kf, &vf, &rows, &tables, &ctx, (meta.table_strides(), meta.block_size), (h, kvh, d));
         let shape = Shape::from((rows.len(), h, d));
-        let storage = match q {
-            CpuStorage::F32(_) => CpuStorage::F32(out),
-            CpuStorage::BF16(_) => CpuStorage::BF16(out.iter().map(|&x| half::bf16::from_f32(x)).collect()),
-            CpuStorage::F16(_) => CpuStorage::F16(out.iter().map(|&x| half::f16::from_f32(x)).collect()),
-            _ => CpuStorage::F64(out.iter().map(|&x| x as f64).collect()),
-        };
+        let storage = storage_like(q, out);
         Ok((storage, shape))
     }
 
@@ -173,6 +159,28 @@ impl CustomOp3 for PagedDecode {
         vl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         crate::engine::cuda::kernels::paged_decode(q, ql, k, kl, v, vl, &self.meta)
+    }
+}
+
+/// The values of a contiguous float operand as f32.
+pub(crate) fn host_f32(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<Vec<f32>> {
+    let (o, n) = contiguous(l)?;
+    Ok(match s {
+        CpuStorage::F32(x) => x[o..o + n].to_vec(),
+        CpuStorage::BF16(x) => x[o..o + n].iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F16(x) => x[o..o + n].iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F64(x) => x[o..o + n].iter().map(|&v| v as f32).collect(),
+        _ => candle_core::bail!("{op}: float tensors only"),
+    })
+}
+
+/// f32 values rounded once to `like`'s dtype.
+pub(crate) fn storage_like(like: &CpuStorage, v: Vec<f32>) -> CpuStorage {
+    match like {
+        CpuStorage::BF16(_) => CpuStorage::BF16(v.iter().map(|&x| half::bf16::from_f32(x)).collect()),
+        CpuStorage::F16(_) => CpuStorage::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()),
+        CpuStorage::F64(_) => CpuStorage::F64(v.iter().map(|&x| x as f64).collect()),
+        _ => CpuStorage::F32(v),
     }
 }
 

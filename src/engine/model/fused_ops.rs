@@ -16,7 +16,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 
-use crate::engine::attention::paged_ops::{self, contiguous};
+use crate::engine::attention::paged_ops::{self, host_f32, storage_like};
 use crate::engine::Result;
 
 /// `(s, h)` with `s = x + a` (the new residual stream) and `h = rmsnorm(s) * w`; `x, a: [N, W]`,
@@ -96,28 +96,6 @@ pub fn rope_store(
         paged_ops::write_kv(t.v_cache, &v, t.slots)?;
     }
     Ok((q, k, v))
-}
-
-/// The values of a contiguous float operand as f32.
-fn host_f32(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<Vec<f32>> {
-    let (o, n) = contiguous(l)?;
-    Ok(match s {
-        CpuStorage::F32(x) => x[o..o + n].to_vec(),
-        CpuStorage::BF16(x) => x[o..o + n].iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::F16(x) => x[o..o + n].iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::F64(x) => x[o..o + n].iter().map(|&v| v as f32).collect(),
-        _ => candle_core::bail!("{op}: float tensors only"),
-    })
-}
-
-/// f32 values rounded once to `like`'s dtype.
-fn storage_like(like: &CpuStorage, v: Vec<f32>) -> CpuStorage {
-    match like {
-        CpuStorage::BF16(_) => CpuStorage::BF16(v.iter().map(|&x| half::bf16::from_f32(x)).collect()),
-        CpuStorage::F16(_) => CpuStorage::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()),
-        CpuStorage::F64(_) => CpuStorage::F64(v.iter().map(|&x| x as f64).collect()),
-        _ => CpuStorage::F32(v),
-    }
 }
 
 /// Rounds `v` to `like`'s dtype and back (the kernels round `s` before squaring it).
