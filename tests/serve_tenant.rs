@@ -8,6 +8,11 @@ use serde_json::{json, Value};
 use crate::serve_util::*;
 
 const BASE: &str = "synthetic:tiny";
+/// A model slow enough on the CPU (random weights of SmolLM2-135M's shape, ~20 ms a token)
+/// that a 2000-token stream holds its slot for far longer than a test's checks take, on any
+/// machine: the tiny model's 2000 tokens took under a second on a fast one, and the slot came
+/// free mid-test.
+const SLOW: &str = "synthetic:smollm2-135m";
 
 /// Status, JSON body and `Retry-After` of a POST with extra headers.
 fn post_with(s: &Server, path: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value, Option<String>) {
@@ -24,18 +29,22 @@ fn post_with(s: &Server, path: &str, body: &Value, headers: &[(&str, &str)]) -> 
 
 /// A chat body for the base model sent as `user` (when given).
 fn chat_as(user: Option<&str>, content: &str) -> Value {
-    let mut b = chat_body(BASE, content, 2);
+    chat_for(BASE, user, content)
+}
+
+/// A chat body for `model` sent as `user` (when given).
+fn chat_for(model: &str, user: Option<&str>, content: &str) -> Value {
+    let mut b = chat_body(model, content, 2);
     if let Some(u) = user {
         b["user"] = json!(u);
     }
     b
 }
 
-/// A stream that holds the only running slot until it is dropped (read up to its first
-/// token, so it has been admitted): 2000 tokens, about 2 s on the tiny model, several times
-/// what the checks made while it runs take.
-fn hold_the_slot(s: &Server) -> BufReader<reqwest::blocking::Response> {
-    let mut body = chat_body(BASE, "keep the slot busy", 2000);
+/// A stream on `model` that holds the only running slot until it is dropped (read up to its
+/// first token, so it has been admitted): 2000 tokens.
+fn hold_the_slot(s: &Server, model: &str) -> BufReader<reqwest::blocking::Response> {
+    let mut body = chat_body(model, "keep the slot busy", 2000);
     body["stream"] = json!(true);
     let resp = client().post(format!("{}/v1/chat/completions", s.url)).json(&body).send().unwrap();
     assert_eq!(resp.status().as_u16(), 200);
@@ -53,27 +62,40 @@ fn hold_the_slot(s: &Server) -> BufReader<reqwest::blocking::Response> {
 /// gets 429, and so does one whose `x-tenant-id: alice` header overrides its `user`.
 #[test]
 fn the_user_field_and_the_header_choose_the_tenant_of_the_waiting_places() {
-    let s = &Server::tiny(&["--max-num-seqs", "1", "--max-waiting-per-model", "1"]);
-    let slot = hold_the_slot(s);
+    let s = &Server::start(&[
+        "serve",
+        "--model",
+        SLOW,
+        "--port",
+        "0",
+        "--kv-cache-memory",
+        "256MiB",
+        "--max-num-seqs",
+        "1",
+        "--max-waiting-per-model",
+        "1",
+    ]);
+    let slot = hold_the_slot(s, SLOW);
     std::thread::scope(|scope| {
-        let alice = scope.spawn(|| s.post("/v1/chat/completions", &chat_as(Some("alice"), "first of alice")));
+        let alice = scope.spawn(|| s.post("/v1/chat/completions", &chat_for(SLOW, Some("alice"), "first of alice")));
         assert!(wait_until(20, || s.metric("vllm:num_requests_waiting") == 1.0), "alice's request waits");
-        let (status, v, retry) = post_with(s, "/v1/chat/completions", &chat_as(Some("alice"), "again"), &[]);
+        let (status, v, retry) = post_with(s, "/v1/chat/completions", &chat_for(SLOW, Some("alice"), "again"), &[]);
         assert_eq!((status, retry.as_deref()), (429, Some("1")), "{v}");
         assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("tenant `alice`"), "{v}");
         let (status, v, _) = post_with(
             s,
             "/v1/completions",
-            &json!({"model": BASE, "prompt": "hi", "max_tokens": 2, "user": "alice"}),
+            &json!({"model": SLOW, "prompt": "hi", "max_tokens": 2, "user": "alice"}),
             &[],
         );
         assert_eq!(status, 429, "completions read `user` too: {v}");
-        let headed = post_with(s, "/v1/chat/completions", &chat_as(Some("bob"), "x"), &[("x-tenant-id", "alice")]);
+        let headed =
+            post_with(s, "/v1/chat/completions", &chat_for(SLOW, Some("bob"), "x"), &[("x-tenant-id", "alice")]);
         assert_eq!(headed.0, 429, "the header wins over `user`: {}", headed.1);
-        let bob = scope.spawn(|| s.post("/v1/chat/completions", &chat_as(Some("bob"), "first of bob")));
+        let bob = scope.spawn(|| s.post("/v1/chat/completions", &chat_for(SLOW, Some("bob"), "first of bob")));
         // No `user`: the tenant is the model, whose running request holds no waiting place.
-        let model = scope.spawn(|| s.post("/v1/chat/completions", &chat_as(None, "no user")));
+        let model = scope.spawn(|| s.post("/v1/chat/completions", &chat_for(SLOW, None, "no user")));
         // Alice's first request still waiting here also proves the slot was held throughout.
         assert!(wait_until(20, || s.metric("vllm:num_requests_waiting") == 3.0), "bob's and the model's wait too");
         drop(slot);
