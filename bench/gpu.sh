@@ -16,6 +16,9 @@
 # LORA128=0 skips batch 128, PROFILE=1 adds the LoRA profile;
 # fused = selftest + decode with the fused layer vs the plain one (--no-fused-layers), base and
 # 0/1/8/32 adapters, a 4096-token prefill (PREFILL=0 skips), + serve smoke.
+# pdl = selftest + decode with the skinny GEMM's early start (programmatic dependent launch) vs
+# without (--no-early-start), the skinny GEMM at 4 and 8 rows, adapters 0/1/8/32 with hot loads
+# running beside the graph steps (--load-while-decoding) + the hot load, + serve smokes.
 # Everything in $OUT also comes back as $OUT/all.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +48,7 @@ run_bench() { # $1 = name, rest = extra flags
   cat "$OUT/bench-$name.md"
 }
 
-if [[ $MODE == quick || $MODE == full || $MODE == decode || $MODE == lora || $MODE == fused ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == decode || $MODE == lora || $MODE == fused || $MODE == pdl ]]; then
   log "lab selftest --device cuda"
   $LAB selftest --device cuda 2>&1 | tee "$OUT/selftest.txt"
   rc=${PIPESTATUS[0]}
@@ -88,6 +91,15 @@ if [[ $MODE == fused ]]; then
   [[ ${PREFILL:-1} == 1 ]] && run_bench fused-prefill --batch 1 --adapters 0 --prompt-len 16 --decode-steps 1 --repeats 3 --prefill-len 4096
 fi
 
+if [[ $MODE == pdl ]]; then
+  # Early start of the skinny GEMM (issue 3/8), in one call against a plain launch.
+  run_bench early --batch 1,8,32 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
+  run_bench plain-launch --batch 1,8,32 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --no-early-start
+  run_bench skinny8 --batch 4,8 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --skinny-gemm-rows 8
+  # Hot loads from page-locked images on the copy stream (issue 4/8), and what they cost the batch.
+  [[ $LORA_OK == 1 ]] && run_bench lora-loads --batch 1,32 --adapters 0,1,8,32 --prompt-len 512 --decode-steps 32 --repeats 5 --load-while-decoding
+fi
+
 if [[ $MODE == lora-profile ]]; then
   # Where the adapters' cost goes: the step's LoRA launches alone, with adapters and without
   # (fixed cost). Kernels unchanged since the last selftest run; no selftest here.
@@ -108,7 +120,7 @@ if [[ $MODE == full ]]; then
     --prefill-len 256,1024,4096 --profile
 fi
 
-if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode || $MODE == lora || $MODE == fused ]]; then
+if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode || $MODE == lora || $MODE == fused || $MODE == pdl ]]; then
   log "lab serve --device cuda (smoke)"
   $LAB serve --device cuda --model $MODEL --kv-cache-memory 8GiB --port 18080 > "$OUT/serve.txt" 2>&1 &
   SERVE=$!
@@ -127,7 +139,7 @@ if [[ $MODE == quick || $MODE == full || $MODE == compiled || $MODE == decode ||
   echo "serve exit code: $?" | tee -a "$OUT/serve.txt"
 fi
 
-if [[ $MODE == lora && $LORA_OK == 1 ]]; then
+if [[ ( $MODE == lora || $MODE == pdl ) && $LORA_OK == 1 ]]; then
   # Two tenants' adapters (PEFT files, random values) and the base in one server: a batch of
   # mixed requests, then the adapter metrics and graph replays.
   log "lab serve --device cuda with adapters (smoke)"

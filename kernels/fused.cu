@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "pdl.cuh"
 
 #define SKIP_SLOT 0xffffffffu
 
@@ -37,6 +38,7 @@ template <typename T>
 __device__ void add_rmsnorm(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ a,
                             const float* __restrict__ delta, const T* __restrict__ w, uint32_t N, uint32_t W,
                             float eps) {
+    pdl_trigger();  // a skinny GEMM may follow (pdl.cuh)
     const uint32_t t = blockIdx.x;
     const T* xr = x + (size_t)t * W;
     const T* ar = a + (size_t)t * W;
@@ -70,6 +72,7 @@ __device__ void add_rmsnorm(T* __restrict__ out, const T* __restrict__ x, const 
 template <typename T>
 __device__ void silu_mul(T* __restrict__ out, const T* __restrict__ gu, const float* __restrict__ delta, uint32_t N,
                          uint32_t I) {
+    pdl_trigger();  // a skinny GEMM may follow (pdl.cuh)
     const size_t total = (size_t)N * I;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
         const size_t t = e / I, c = e % I;

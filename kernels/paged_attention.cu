@@ -30,6 +30,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "pdl.cuh"
 
 #define MAX_WARPS 8
 // Template parameters, since registers scale with them: MAX_NPL = head dims per lane (D / 32
@@ -68,6 +69,7 @@ __device__ void paged_decode_attention(
     const T* __restrict__ vc, const uint32_t* __restrict__ rows, const uint32_t* __restrict__ tables,
     const uint32_t* __restrict__ ctx, uint32_t row_stride, uint32_t block_stride, uint32_t bs, uint32_t H, uint32_t KVH, uint32_t D,
     float scale) {
+    pdl_trigger();  // a skinny GEMM may follow (pdl.cuh)
     const uint32_t m = blockIdx.x, g = blockIdx.y, p = blockIdx.z, P = gridDim.z;
     const uint32_t warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t rep = H / KVH;
@@ -165,6 +167,7 @@ __device__ void paged_decode_attention(
 //   M = max_p max_p;  L = sum_p sum_p * exp(max_p - M);  out[hr, d] = sum_p acc_p[d] * exp(max_p - M) / L
 template <typename T>
 __device__ void paged_decode_merge(T* __restrict__ out, const float* __restrict__ part, uint32_t P, uint32_t D) {
+    pdl_trigger();  // a skinny GEMM may follow (pdl.cuh)
     const size_t hr = blockIdx.x;
     const uint32_t stride = D + 2;
     const float* base = part + hr * P * stride;

@@ -19,6 +19,7 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+#include "pdl.cuh"
 
 #define WARPS 4
 #define UNROLL 4
@@ -50,6 +51,7 @@ __device__ void paged_decode_grouped(T* __restrict__ out, float* __restrict__ pa
                                      const uint32_t* __restrict__ rows, const uint32_t* __restrict__ tables,
                                      const uint32_t* __restrict__ ctx, uint32_t row_stride, uint32_t block_stride,
                                      uint32_t bs, uint32_t H, uint32_t KVH, float scale) {
+    pdl_trigger();  // a skinny GEMM may follow (pdl.cuh)
     constexpr int EPL = 16 / sizeof(T);
     constexpr int KPW = 32 / G;
     constexpr uint32_t D = G * EPL;

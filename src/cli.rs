@@ -334,6 +334,15 @@ pub struct BenchArgs {
     /// instead of cuBLAS [default: 1, what measured faster on the H200].
     #[arg(long, value_name = "ROWS")]
     pub skinny_gemm_rows: Option<usize>,
+    /// Launch the skinny GEMM kernel without an early start (programmatic dependent launch:
+    /// by default it starts loading its weights while the kernel before it finishes), to
+    /// compare them.
+    #[arg(long)]
+    pub no_early_start: bool,
+    /// Time every graph decode point again while adapter hot loads run back to back on the
+    /// copy stream (CUDA), to see what loads cost the running batch.
+    #[arg(long)]
+    pub load_while_decoding: bool,
     /// Run decode attention through the split-keys kernel instead of the grouped-lanes one
     /// (the default), to compare them.
     #[arg(long)]

@@ -10,7 +10,8 @@ use crate::cli::BenchArgs;
 use crate::engine::graph::{DecodeGraphs, GraphConfig};
 use crate::engine::kv::paged::{BlockTable, PagedKvCache};
 use crate::engine::load::LoadedModel;
-use crate::engine::lora::slots::SlotBank;
+use crate::engine::lora::slots::{PendingWrite, SlotBank, SlotImage};
+use crate::engine::lora::LoraAdapter;
 use crate::engine::model::{LogitsAt, PackedBatch};
 use crate::engine::sampling::op::{RowParam, RowParams};
 
@@ -32,6 +33,43 @@ pub struct DecodePoint {
     pub step_ms: f64,
     /// Bytes the step must read: weights + KV + adapters.
     pub floor_bytes: f64,
+    /// `--load-while-decoding` (graph points): the median step while adapter hot loads run
+    /// back to back on the copy stream (what a server's running batch sees during loads), and
+    /// the loads that landed meanwhile.
+    pub loading: Option<(f64, usize)>,
+}
+
+/// Hot loads kept running beside decode steps: one staged adapter copied again and again into
+/// a bank of its own (the copy is the same DMA a serving bank's free slot takes).
+struct LoadLoop {
+    bank: SlotBank,
+    adapter: LoraAdapter,
+    image: SlotImage,
+    pending: Option<PendingWrite>,
+    landed: usize,
+}
+
+impl LoadLoop {
+    fn new(m: &LoadedModel, rank: usize) -> anyhow::Result<Option<Self>> {
+        let (cfg, dtype, device) = (m.model.config(), m.model.dtype(), m.model.device());
+        let bank = SlotBank::new(cfg, 1, rank, dtype, device)?;
+        let Some(stager) = bank.stager() else { return Ok(None) };
+        let adapter = LoraAdapter::random(cfg, rank, 11, dtype, &candle_core::Device::Cpu)?;
+        let image = stager.stage(&adapter)?;
+        Ok(Some(Self { bank, adapter, image, pending: None, landed: 0 }))
+    }
+
+    /// Starts the next copy once the last one has landed.
+    fn tick(&mut self) -> anyhow::Result<()> {
+        if let Some(w) = &self.pending {
+            if !self.bank.poll_write(w)? {
+                return Ok(());
+            }
+            self.landed += 1;
+        }
+        self.pending = Some(self.bank.begin_write(0, &self.adapter, &self.image)?);
+        Ok(())
+    }
 }
 
 /// One prefill point (batch 1, base only).
@@ -77,6 +115,7 @@ pub fn decode_points(
         model.forward(&b, &mut kv.batch(group.iter_mut().collect()), LogitsAt::Last)?;
     }
     let mut graphs = DecodeGraphs::new(GraphConfig { max_batch: batch, max_context: max_len });
+    let mut load_loop = if args.load_while_decoding { LoadLoop::new(m, args.lora_rank)? } else { None };
     let greedy = RowParams(vec![RowParam::GREEDY; batch]);
     let mut out = Vec::new();
     let prefilled: Vec<usize> = tables.iter().map(|t| t.len()).collect();
@@ -102,17 +141,35 @@ pub fn decode_points(
         step(&mut tables)?; // graph: the capture
         step(&mut tables)?;
         let ctx_start: usize = tables.iter().map(|t| t.len()).sum();
-        let mut samples = Vec::with_capacity(args.repeats);
-        for _ in 0..args.repeats.max(1) {
-            model.device().synchronize()?;
-            let t = Instant::now();
-            for _ in 0..args.decode_steps.max(1) {
-                step(&mut tables)?;
+        let mut timed = |tables: &mut [BlockTable], mut loads: Option<&mut LoadLoop>| -> anyhow::Result<f64> {
+            let mut samples = Vec::with_capacity(args.repeats);
+            for _ in 0..args.repeats.max(1) {
+                model.device().synchronize()?;
+                let t = Instant::now();
+                for _ in 0..args.decode_steps.max(1) {
+                    if let Some(l) = loads.as_deref_mut() {
+                        l.tick()?;
+                    }
+                    step(tables)?;
+                }
+                model.device().synchronize()?;
+                samples.push(t.elapsed().as_secs_f64() * 1e3 / args.decode_steps.max(1) as f64);
             }
-            model.device().synchronize()?;
-            samples.push(t.elapsed().as_secs_f64() * 1e3 / args.decode_steps.max(1) as f64);
-        }
+            Ok(median(&mut samples))
+        };
+        let step_ms = timed(&mut tables, None)?;
         let ctx_end: usize = tables.iter().map(|t| t.len()).sum();
+        let loading = match load_loop.as_mut().filter(|_| graph) {
+            Some(l) => {
+                // Rewound, so the loaded steps run at the context of the plain ones.
+                for (t, &len) in tables.iter_mut().zip(&prefilled) {
+                    t.rewind(len + 2);
+                }
+                let landed = l.landed;
+                Some((timed(&mut tables, Some(l))?, l.landed - landed))
+            }
+            None => None,
+        };
         let mean_total_ctx = (ctx_start + ctx_end) / 2;
         let floor_bytes = floor::weight_bytes_read(model)
             + floor::kv_bytes_read(cfg, mean_total_ctx, model.dtype())
@@ -122,8 +179,9 @@ pub fn decode_points(
             adapters: n,
             graph,
             context: mean_total_ctx / batch.max(1),
-            step_ms: median(&mut samples),
+            step_ms,
             floor_bytes,
+            loading,
         });
     }
     Ok(out)

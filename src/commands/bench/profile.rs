@@ -153,7 +153,7 @@ fn gemm_alone(m: &LoadedModel, batch: usize, repeats: usize, model_path: bool) -
         for w in &weights {
             let x = &inputs.iter().find(|(d, _)| *d == w.dim(1).unwrap_or(0)).expect("an input per width").1;
             if model_path {
-                drop(Proj::from_weight((*w).clone()).with_skinny_rows(m.model.skinny_rows()).forward(x)?);
+                drop(Proj::from_weight((*w).clone()).with_skinny(m.model.skinny()).forward(x)?);
             } else {
                 drop(x.matmul(&w.t()?)?);
             }

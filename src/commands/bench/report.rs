@@ -38,6 +38,22 @@ pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
         let mode = if p.graph { "graph" } else { "eager" };
         println!("| {} | {} | {mode} | {} | {:.2} | {f} | {x} | {tps:.0} |", p.batch, p.adapters, p.context, p.step_ms);
     }
+    let loaded: Vec<_> = run.decode.iter().filter_map(|p| p.loading.map(|l| (p, l))).collect();
+    if !loaded.is_empty() {
+        println!();
+        println!("decode steps while adapter hot loads run back to back (graph points):");
+        println!("| batch | adapters | step ms | with loads ms | ratio | loads landed |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+        for (p, (ms, landed)) in loaded {
+            println!(
+                "| {} | {} | {:.2} | {ms:.2} | {:.3} | {landed} |",
+                p.batch,
+                p.adapters,
+                p.step_ms,
+                ms / p.step_ms
+            );
+        }
+    }
     if let Some((p, bytes)) = &run.stock {
         let x = floor_ms(run, *bytes)
             .map(|f| format!(", {:.2} x its floor ({f:.2} ms)", p.step_ms / f))
@@ -86,9 +102,20 @@ pub fn print_table(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) {
     }
     println!();
     println!(
-        "adapter load (rank {}, all 7 projections, PEFT safetensors in the page cache -> usable slot, median of 5): {:.1} ms = read + validate into host memory {:.1} ms + copy into the slot {:.1} ms",
-        args.lora_rank, run.adapter_load.total_ms, run.adapter_load.read_ms, run.adapter_load.copy_ms
+        "adapter load (rank {}, all 7 projections, PEFT safetensors in the page cache -> usable slot, median of 5): {:.1} ms = read + validate into host memory {:.1} ms + page-locked image {:.1} ms + copy into the slot {:.1} ms ({})",
+        args.lora_rank,
+        run.adapter_load.total_ms,
+        run.adapter_load.read_ms,
+        run.adapter_load.stage_ms,
+        run.adapter_load.copy_ms,
+        if run.adapter_load.pinned { "DMA from the image on the copy stream" } else { "synchronous copy from the tensors" }
     );
+    if run.adapter_load.pinned {
+        println!(
+            "  (the image reuses a page-locked buffer of an earlier one; the first, which pins a new buffer: {:.1} ms)",
+            run.adapter_load.stage_first_ms
+        );
+    }
     if let Some(b) = run.device_mem_used {
         println!("device memory in use at the end (caching pool high-water mark): {:.1} GB", b as f64 / GB);
     }
@@ -104,7 +131,8 @@ pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serd
         lines.push(
             json!({"what": "decode", "run": common, "batch": p.batch, "adapters": p.adapters, "graph": p.graph, "context": p.context,
                    "step_ms": p.step_ms, "floor_ms": f, "floor_ratio": f.map(|f| p.step_ms / f),
-                   "floor_GB": p.floor_bytes / GB, "tokens_per_s": p.batch as f64 / (p.step_ms / 1e3)}),
+                   "floor_GB": p.floor_bytes / GB, "tokens_per_s": p.batch as f64 / (p.step_ms / 1e3),
+                   "step_ms_with_loads": p.loading.map(|l| l.0), "loads_landed": p.loading.map(|l| l.1)}),
         );
     }
     for p in &run.prefill {
@@ -129,7 +157,9 @@ pub fn json_lines(run: &BenchRun, m: &LoadedModel, args: &BenchArgs) -> Vec<serd
                "copy_GBps": run.ceilings.map(|c| c.copy_bytes_per_s / GB),
                "matmul_TFLOPs": run.ceilings.and_then(|c| c.matmul_flop_per_s).map(|f| f / 1e12),
                "adapter_load_ms": run.adapter_load.total_ms,
-               "adapter_read_ms": run.adapter_load.read_ms, "adapter_copy_ms": run.adapter_load.copy_ms,
+               "adapter_read_ms": run.adapter_load.read_ms, "adapter_stage_ms": run.adapter_load.stage_ms,
+               "adapter_stage_first_ms": run.adapter_load.stage_first_ms,
+               "adapter_copy_ms": run.adapter_load.copy_ms, "adapter_copy_pinned": run.adapter_load.pinned,
                "device_mem_used_GB": run.device_mem_used.map(|b| b as f64 / GB)}));
     lines
 }

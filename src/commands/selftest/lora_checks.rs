@@ -140,3 +140,64 @@ fn stacked(a: &Tensor, bt: &Tensor, meta: &[u32], device: &Device, dtype: DType)
         scratch: None,
     })
 }
+
+/// A slot written from a page-locked image on the copy stream (`SlotBank::begin_write`, what
+/// `lab serve` does on CUDA) holds exactly what the synchronous write from the tensors puts
+/// there, is not published before the copy lands, and a write made stale by a later one never
+/// publishes. Tiny shape, mixed ranks; on a CPU bank there are no images, so nothing to check.
+pub fn slot_writes(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<Vec<Outcome>> {
+    use crate::engine::lora::op::LoraWeights;
+    use crate::engine::lora::slots::SlotBank;
+    use crate::engine::lora::LoraAdapter;
+    use crate::engine::model::config::LlamaConfig;
+    let cfg = LlamaConfig::preset("tiny").expect("a preset");
+    let mut staged = SlotBank::new(&cfg, 3, 16, dtype, device)?;
+    let Some(stager) = staged.stager() else { return Ok(Vec::new()) };
+    let mut direct = SlotBank::new(&cfg, 3, 16, dtype, device)?;
+    let adapters: Vec<LoraAdapter> = [4, 16, 8]
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| LoraAdapter::random(&cfg, r, seed ^ (0x51 + i as u64), dtype, &Device::Cpu))
+        .collect::<Result<_, _>>()?;
+    let mut unpublished_until_done = true;
+    for (slot, a) in adapters.iter().enumerate() {
+        let image = stager.stage(a)?;
+        let write = staged.begin_write(slot, a, &image)?;
+        unpublished_until_done &= staged.lora(slot, a.weights.keys().next().copied().expect("a key"))?.is_none();
+        while !staged.poll_write(&write)? {
+            std::hint::spin_loop();
+        }
+        direct.write(slot, a)?;
+    }
+    let mut same = true;
+    for (slot, a) in adapters.iter().enumerate() {
+        for &key in a.weights.keys() {
+            let (Some((sa, sb, ss)), Some((da, db, ds))) = (staged.lora(slot, key)?, direct.lora(slot, key)?) else {
+                same = false;
+                continue;
+            };
+            same &= ss == ds && rel_err(&sa, &da)? == 0.0 && rel_err(&sb, &db)? == 0.0;
+        }
+    }
+    // Slot 0 again: an older write overtaken by a newer one before either is polled.
+    let (old, new) = (stager.stage(&adapters[1])?, stager.stage(&adapters[2])?);
+    let first = staged.begin_write(0, &adapters[1], &old)?;
+    let second = staged.begin_write(0, &adapters[2], &new)?;
+    while !(staged.poll_write(&first)? & staged.poll_write(&second)?) {
+        std::hint::spin_loop();
+    }
+    let key = *adapters[2].weights.keys().next().expect("a key");
+    let rank = staged.lora(0, key)?.map(|(a, _, _)| a.dim(0)).transpose()?;
+    Ok(vec![
+        Outcome::exact(
+            format!("slot writes {dtype:?}: page-locked image on the copy stream = synchronous write"),
+            same && unpublished_until_done,
+            "bit-identical; unpublished until landed",
+        ),
+        Outcome::exact(
+            format!("slot writes {dtype:?}: a write overtaken by a newer one never publishes"),
+            rank == Some(adapters[2].rank()),
+            format!("slot 0 rank {rank:?}, want {}", adapters[2].rank()),
+        ),
+    ])
+}

@@ -60,6 +60,7 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
         run("kernels", op_checks::paged_kernels(&device, dt, seed));
         run("projections", op_checks::projections(&device, dt, seed));
         run("lora kernels", lora_checks::bgmv_kernels(&device, dt, seed));
+        run("lora slot writes", lora_checks::slot_writes(&device, dt, seed));
         run("fused ops", fused_checks::fused_ops(&device, dt, seed));
     }
     run("fused references", fused_checks::references(seed));

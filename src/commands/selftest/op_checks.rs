@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use super::{randn, rel_err, tolerance, Outcome};
 use crate::engine::attention::paged_ops::{paged_decode_attention, write_kv, DecodeMeta, SKIP_SLOT};
-use crate::engine::model::layers::Proj;
+use crate::engine::model::layers::{Proj, Skinny};
 
 /// A random f32 tensor on the CPU and its copy on `device` in `dtype`, the CPU one rounded
 /// through `dtype` so both sides see the same inputs.
@@ -183,7 +183,7 @@ pub fn projections(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<V
     for (k, n, rows) in [(4096, 4096, &[1usize, 2, 3, 5, 8, 9][..]), (14336, 1027, &[1, 8][..])] {
         let (w, wd) = pair(rng, &[n, k], device, dtype)?;
         let (x, xd) = pair(rng, &[9, k], device, dtype)?;
-        let proj = Proj::from_weight(wd).with_skinny_rows(8);
+        let proj = Proj::from_weight(wd).with_skinny(Skinny { rows: 8, early_start: true });
         for &m in rows {
             let want = x.narrow(0, 0, m)?.matmul(&w.t()?)?;
             let got = proj.forward(&xd.narrow(0, 0, m)?)?;
@@ -202,6 +202,16 @@ pub fn projections(device: &Device, dtype: DType, seed: u64) -> anyhow::Result<V
         let same = rel_err(&alone, &among)? == 0.0;
         out.push(Outcome::exact(
             format!("projection {dtype:?} K{k}/N{n}: a row alone = among 8"),
+            same,
+            "bit-identical",
+        ));
+        // An early start (kernels/pdl.cuh) changes when the kernel starts, never what it sums;
+        // the product right after another kernel (the exp) is where it could start early.
+        let plain = Proj::from_weight(proj.weight().clone()).with_skinny(Skinny { rows: 8, early_start: false });
+        let xe = xd.exp()?;
+        let same = rel_err(&proj.forward(&xe)?, &plain.forward(&xe)?)? == 0.0;
+        out.push(Outcome::exact(
+            format!("projection {dtype:?} K{k}/N{n}: early start = plain launch"),
             same,
             "bit-identical",
         ));

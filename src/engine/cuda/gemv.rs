@@ -1,7 +1,9 @@
 //! Launch of `kernels/gemv.cu`: `y = x W^T` for the few rows of a decode step.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
@@ -26,12 +28,15 @@ fn columns_per_warp(m: usize) -> u32 {
 }
 
 /// `x: [M, K]` times `w: [N, K]` transposed, when the kernel applies (M <= 8, bf16 or f16,
-/// both contiguous, K a multiple of 8 and both 16-byte aligned); `None` otherwise.
+/// both contiguous, K a multiple of 8 and both 16-byte aligned); `None` otherwise. With
+/// `early_start`, the kernel may start loading its weights before the kernel that writes `x`
+/// has finished (see [`super::pdl`]).
 pub fn try_gemv(
     x: &CudaStorage,
     xl: &Layout,
     w: &CudaStorage,
     wl: &Layout,
+    early_start: bool,
 ) -> candle_core::Result<Option<(CudaStorage, Shape)>> {
     let ((m, k), (n, k2)) = (xl.shape().dims2()?, wl.shape().dims2()?);
     let (Some((x0, _)), Some((w0, _))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
@@ -60,10 +65,22 @@ pub fn try_gemv(
             let (_, wn) = contiguous(wl)?;
             let xs = x.as_cuda_slice::<$t>()?.slice(x0..x0 + xn);
             let ws = w.as_cuda_slice::<$t>()?.slice(w0..w0 + wn);
-            let y = unsafe { dev.alloc::<$t>(m * n)? };
-            let mut b = func.builder();
-            b.arg(&y).arg(&xs).arg(&ws).arg(&nu).arg(&ku);
-            unsafe { b.launch(cfg) }.w()?;
+            let mut y = unsafe { dev.alloc::<$t>(m * n)? };
+            let stream = dev.cuda_stream();
+            {
+                // Event tracking is off (engine::cuda::open), so the guards record nothing.
+                let (yp, _gy) = y.device_ptr_mut(&stream);
+                let (xp, _gx) = xs.device_ptr(&stream);
+                let (wp, _gw) = ws.device_ptr(&stream);
+                let mut params: [*mut c_void; 5] = [
+                    &yp as *const _ as *mut c_void,
+                    &xp as *const _ as *mut c_void,
+                    &wp as *const _ as *mut c_void,
+                    &nu as *const _ as *mut c_void,
+                    &ku as *const _ as *mut c_void,
+                ];
+                unsafe { super::pdl::launch(&func, &stream, cfg, &mut params, early_start) }.w()?;
+            }
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
     }

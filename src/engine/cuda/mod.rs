@@ -7,6 +7,8 @@ pub mod gemv;
 pub mod graph;
 pub mod kernels;
 pub mod lora;
+pub mod pdl;
+pub mod pinned;
 
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::Device;

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::lora::slots::SlotBank;
+use crate::engine::lora::slots::{PendingWrite, SlotBank, SlotImage};
 use crate::engine::lora::{LoraAdapter, LoraError};
 use crate::engine::Result;
 
@@ -265,13 +265,29 @@ pub enum SlotRequest {
     Unknown,
 }
 
+/// An adapter of the host tier: its tensors and, for a CUDA bank, its page-locked slot image
+/// (built on the loader thread, so a copy into a slot is a DMA that does not stop the batch).
+pub struct HostAdapter {
+    pub adapter: LoraAdapter,
+    pub image: Option<SlotImage>,
+}
+
+/// A slot write on the copy stream; the data stays alive until it lands.
+struct Copying {
+    write: PendingWrite,
+    _data: Arc<HostAdapter>,
+}
+
 /// The three tiers with their data: policy state, host copies, device slots, loader thread.
 pub struct AdapterRegistry {
     state: RegistryState,
-    cpu_data: BTreeMap<AdapterId, Arc<LoraAdapter>>,
+    cpu_data: BTreeMap<AdapterId, Arc<HostAdapter>>,
     bank: SlotBank,
     jobs: mpsc::Sender<(AdapterId, PathBuf)>,
-    done: mpsc::Receiver<(AdapterId, std::result::Result<LoraAdapter, LoraError>)>,
+    done: mpsc::Receiver<(AdapterId, std::result::Result<HostAdapter, LoraError>)>,
+    /// Slot writes in flight: their slots answer `Pending` until [`AdapterRegistry::poll_loads`]
+    /// sees them land.
+    copying: Vec<Copying>,
     loads: u64,
     evictions: u64,
 }
@@ -281,6 +297,7 @@ impl AdapterRegistry {
     pub fn new(cfg: RegistryConfig, bank: SlotBank, loader: Box<AdapterLoader>) -> Self {
         let (jobs, job_rx) = mpsc::channel::<(AdapterId, PathBuf)>();
         let (done_tx, done) = mpsc::channel();
+        let stager = bank.stager();
         std::thread::Builder::new()
             .name("lab-adapter-loader".into())
             .spawn(move || {
@@ -288,14 +305,29 @@ impl AdapterRegistry {
                     // A loader that panics on one file fails that load, not the thread: a dead
                     // loader would leave every later load pending for ever.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader(&path)))
-                        .unwrap_or_else(|p| Err(LoraError::Config(format!("the loader panicked: {}", panic_text(&p)))));
+                        .unwrap_or_else(|p| Err(LoraError::Config(format!("the loader panicked: {}", panic_text(&p)))))
+                        .map(|adapter| {
+                            // Without an image (no page-locked memory left, say) the slot copy
+                            // takes the synchronous path from the tensors: slower, still right.
+                            let image = stager.as_ref().and_then(|s| s.stage(&adapter).ok());
+                            HostAdapter { adapter, image }
+                        });
                     if done_tx.send((id, result)).is_err() {
                         break;
                     }
                 }
             })
             .expect("spawn adapter loader thread");
-        Self { state: RegistryState::new(cfg), cpu_data: BTreeMap::new(), bank, jobs, done, loads: 0, evictions: 0 }
+        Self {
+            state: RegistryState::new(cfg),
+            cpu_data: BTreeMap::new(),
+            bank,
+            jobs,
+            done,
+            copying: Vec::new(),
+            loads: 0,
+            evictions: 0,
+        }
     }
 
     /// The policy state (read-only).
@@ -331,15 +363,17 @@ impl AdapterRegistry {
         }
     }
 
-    /// Takes finished background loads into the CPU tier (call once per step); returns each
-    /// one's adapter name and outcome (the failure's message), for the caller's catalog.
+    /// Takes finished background loads into the CPU tier and landed slot copies into service
+    /// (call once per step); returns each load's adapter name and outcome (the failure's
+    /// message), for the caller's catalog.
     pub fn poll_loads(&mut self) -> Vec<(String, std::result::Result<(), String>)> {
+        self.poll_copies();
         let mut outcomes = Vec::new();
         while let Ok((id, result)) = self.done.try_recv() {
             match result {
-                Ok(adapter) => {
+                Ok(host) => {
                     outcomes.push((id.name.clone(), Ok(())));
-                    self.cpu_data.insert(id.clone(), Arc::new(adapter));
+                    self.cpu_data.insert(id.clone(), Arc::new(host));
                     let evicted = self.state.cpu_loaded(id);
                     self.drop_cpu(evicted);
                 }
@@ -352,21 +386,63 @@ impl AdapterRegistry {
         outcomes
     }
 
+    /// Publishes the slots whose copies have landed and drops their copy pins. A copy that
+    /// cannot be polled (a device error) leaves its slot empty, as a failed synchronous copy does.
+    fn poll_copies(&mut self) {
+        let mut i = 0;
+        while i < self.copying.len() {
+            match self.bank.poll_write(&self.copying[i].write) {
+                Ok(false) => i += 1,
+                Ok(true) => {
+                    let slot = self.copying.swap_remove(i).write.slot();
+                    self.state.release(slot);
+                }
+                Err(_) => {
+                    let slot = self.copying.swap_remove(i).write.slot();
+                    self.state.vacate(slot);
+                }
+            }
+        }
+    }
+
+    /// Whether a copy into `slot` is still in flight.
+    fn copying_into(&self, slot: usize) -> bool {
+        self.copying.iter().any(|c| c.write.slot() == slot)
+    }
+
     /// Pins a slot with the current generation of `name`, starting a load if needed.
     pub fn acquire(&mut self, name: &str) -> Result<SlotRequest> {
         Ok(match self.state.acquire(name) {
+            Acquire::Ready { slot, .. } if self.copying_into(slot) => {
+                self.state.release(slot);
+                SlotRequest::Pending
+            }
             Acquire::Ready { slot, id } => SlotRequest::Ready { slot, id },
             Acquire::CopyIn { slot, id, evicted } => {
                 self.evictions += u64::from(evicted.is_some());
                 let data = self.cpu_data.get(&id).expect("CPU tier and data agree").clone();
-                if let Err(e) = self.bank.write(slot, &data) {
+                let outcome = match &data.image {
+                    Some(image) => self.bank.begin_write(slot, &data.adapter, image).map(Some),
+                    None => self.bank.write(slot, &data.adapter).map(|()| None),
+                };
+                match outcome {
                     // The slot was promised to `id` before the copy; a failed copy must leave
                     // it empty, or later requests would be "Ready" on a slot with no weights
                     // and run on the base model without a word.
-                    self.state.vacate(slot);
-                    return Err(e);
+                    Err(e) => {
+                        self.state.vacate(slot);
+                        return Err(e);
+                    }
+                    Ok(None) => SlotRequest::Ready { slot, id },
+                    // In flight: the caller's pin stays on the slot as the copy's own (an
+                    // unpinned slot in flight was evicted by the next miss, and the next, so
+                    // copies overwrote each other and 8 slots thrashed), and the slot answers
+                    // `Pending` until `poll_copies` sees the copy land and drops that pin.
+                    Ok(Some(write)) => {
+                        self.copying.push(Copying { write, _data: data });
+                        SlotRequest::Pending
+                    }
                 }
-                SlotRequest::Ready { slot, id }
             }
             Acquire::Load { id, path } => {
                 self.loads += 1;

@@ -13,6 +13,60 @@ use crate::engine::lora::{LoraAdapter, LoraModule, ProjKey};
 use crate::engine::model::config::LlamaConfig;
 use crate::engine::{EngineError, Result};
 
+/// An adapter laid out for a slot in page-locked host memory (CUDA banks): writing it into a
+/// slot is one asynchronous DMA per factor ([`SlotBank::begin_write`]).
+#[cfg(feature = "cuda")]
+pub use crate::engine::cuda::pinned::PinnedImage as SlotImage;
+/// Never built without CUDA: a CPU bank copies from host tensors.
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug)]
+pub enum SlotImage {}
+
+/// Builds [`SlotImage`]s for one bank, on any thread (the adapter loader's).
+#[derive(Debug, Clone)]
+pub struct Stager {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    dtype: DType,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device: Device,
+    #[cfg(feature = "cuda")]
+    pool: crate::engine::cuda::pinned::PinnedPool,
+}
+
+impl Stager {
+    /// `adapter` (a host copy) laid out for the bank's slots in page-locked memory.
+    pub fn stage(&self, adapter: &LoraAdapter) -> Result<SlotImage> {
+        #[cfg(feature = "cuda")]
+        return Ok(SlotImage::stage(adapter, self.dtype, &self.device, &self.pool)?);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = adapter;
+            Err(EngineError::Weights("pinned slot images need the cuda build".into()))
+        }
+    }
+}
+
+/// A slot write in flight on the bank's copy stream; [`SlotBank::poll_write`] publishes the
+/// slot once it has landed.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct PendingWrite {
+    slot: usize,
+    /// The bank's write count for `slot` when this one began: a later write or clear of the
+    /// slot makes this one stale, and a stale write never publishes.
+    seq: u64,
+    meta: SlotMeta,
+    #[cfg(feature = "cuda")]
+    done: candle_core::cuda_backend::cudarc::driver::CudaEvent,
+}
+
+impl PendingWrite {
+    /// The slot being written.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+}
+
 #[derive(Debug, Clone)]
 struct SlotMeta {
     rank: usize,
@@ -34,6 +88,14 @@ pub struct SlotBank {
     key_rows: BTreeMap<ProjKey, usize>,
     /// f32 scratch of the batched kernels, sized for their largest launch (see [`Stacked`]).
     scratch: Tensor,
+    /// Writes begun per slot (see [`PendingWrite::seq`]).
+    writes: Vec<u64>,
+    /// The stream of asynchronous slot writes (CUDA banks).
+    #[cfg(feature = "cuda")]
+    copier: Option<crate::engine::cuda::pinned::SlotCopier>,
+    /// Page-locked buffers of dropped images, shared with every [`Stager`] of the bank.
+    #[cfg(feature = "cuda")]
+    pool: crate::engine::cuda::pinned::PinnedPool,
 }
 
 /// Rows the bank's scratch covers per launch (a forward of more rows allocates its own).
@@ -59,7 +121,22 @@ impl SlotBank {
         let widest_input = LoraModule::ALL.iter().map(|m| m.dims(cfg).0).max().unwrap_or(0);
         let scratch_len = shrink_scratch_len(SCRATCH_PARTS, SCRATCH_ROWS, widest_input, max_rank.max(1));
         let scratch = Tensor::zeros(scratch_len, DType::F32, device)?;
-        Ok(Self { max_rank, a, bt, meta: vec![None; slots], device_meta, key_rows, scratch })
+        #[cfg(feature = "cuda")]
+        let copier = if device.is_cuda() { Some(crate::engine::cuda::pinned::SlotCopier::new(device)?) } else { None };
+        Ok(Self {
+            max_rank,
+            a,
+            bt,
+            meta: vec![None; slots],
+            device_meta,
+            key_rows,
+            scratch,
+            writes: vec![0; slots],
+            #[cfg(feature = "cuda")]
+            copier,
+            #[cfg(feature = "cuda")]
+            pool: Default::default(),
+        })
     }
 
     /// The host values of `device_meta` for the slots as they are now.
@@ -106,18 +183,84 @@ impl SlotBank {
         self.a.values().chain(self.bt.values()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 
-    /// Copies `adapter` into `slot`, replacing whatever was there.
-    pub fn write(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<()> {
+    /// A [`Stager`] for this bank where slot writes can come from page-locked images (CUDA).
+    pub fn stager(&self) -> Option<Stager> {
+        #[cfg(feature = "cuda")]
+        if self.copier.is_some() {
+            return Some(Stager {
+                dtype: self.device_meta_dtype(),
+                device: self.device_meta.device().clone(),
+                pool: self.pool.clone(),
+            });
+        }
+        None
+    }
+
+    /// Checks that `adapter` fits `slot`, then unpublishes the slot (the kernels must never
+    /// read a half-written one) and counts a new write of it.
+    fn start_write(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<u64> {
         let r = adapter.rank();
         if r > self.max_rank || slot >= self.meta.len() {
             return Err(EngineError::Weights(format!("adapter rank {r} / slot {slot} does not fit the slot bank")));
         }
-        // Unpublished first: the kernels must never read a half-written slot.
         self.meta[slot] = None;
+        self.writes[slot] += 1;
         self.publish()?;
         if let Some(key) = adapter.weights.keys().find(|k| !self.a.contains_key(k)) {
             return Err(EngineError::Weights(format!("{} has no slot storage", key.peft_prefix())));
         }
+        Ok(self.writes[slot])
+    }
+
+    fn slot_meta(adapter: &LoraAdapter) -> SlotMeta {
+        SlotMeta { rank: adapter.rank(), scale: adapter.scale(), keys: adapter.weights.keys().copied().collect() }
+    }
+
+    /// Queues `image` (of `adapter`) into `slot` on the copy stream and returns at once; the
+    /// slot stays unpublished until [`SlotBank::poll_write`] sees the copy done. The caller
+    /// keeps `image` alive until then.
+    pub fn begin_write(&mut self, slot: usize, adapter: &LoraAdapter, image: &SlotImage) -> Result<PendingWrite> {
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (slot, adapter);
+            match *image {}
+        }
+        #[cfg(feature = "cuda")]
+        {
+            use crate::engine::cuda::pinned::SlotRegion;
+            let seq = self.start_write(slot, adapter)?;
+            let copier =
+                self.copier.as_ref().ok_or_else(|| EngineError::Weights("a CPU bank takes no images".into()))?;
+            let done = copier.copy(image, |key| {
+                let (a, bt) = (self.a.get(&key)?, self.bt.get(&key)?);
+                let (_, r, inp) = a.dims3().ok()?;
+                let out = bt.dim(2).ok()?;
+                Some([
+                    SlotRegion { tensor: a.clone(), offset: slot * r * inp, len: r * inp },
+                    SlotRegion { tensor: bt.clone(), offset: slot * r * out, len: r * out },
+                ])
+            })?;
+            Ok(PendingWrite { slot, seq, meta: Self::slot_meta(adapter), done })
+        }
+    }
+
+    /// Whether `write` has landed; the first time it is seen done, its slot is published
+    /// (unless a later write or clear of the slot made it stale).
+    pub fn poll_write(&mut self, write: &PendingWrite) -> Result<bool> {
+        #[cfg(feature = "cuda")]
+        if !write.done.is_complete() {
+            return Ok(false);
+        }
+        if self.writes[write.slot] == write.seq && self.meta[write.slot].is_none() {
+            self.meta[write.slot] = Some(write.meta.clone());
+            self.publish()?;
+        }
+        Ok(true)
+    }
+
+    /// Copies `adapter` into `slot`, replacing whatever was there.
+    pub fn write(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<()> {
+        self.start_write(slot, adapter)?;
         #[cfg(feature = "cuda")]
         if self.device_meta.device().is_cuda() && adapter.weights.values().all(|(a, _)| a.device().is_cpu()) {
             self.upload_from_host(slot, adapter)?;
@@ -126,8 +269,7 @@ impl SlotBank {
         }
         #[cfg(not(feature = "cuda"))]
         self.copy_on_device(slot, adapter)?;
-        self.meta[slot] =
-            Some(SlotMeta { rank: r, scale: adapter.scale(), keys: adapter.weights.keys().copied().collect() });
+        self.meta[slot] = Some(Self::slot_meta(adapter));
         self.publish()
     }
 
@@ -176,6 +318,7 @@ impl SlotBank {
     pub fn clear(&mut self, slot: usize) -> Result<()> {
         if let Some(m) = self.meta.get_mut(slot) {
             *m = None;
+            self.writes[slot] += 1;
         }
         self.publish()
     }

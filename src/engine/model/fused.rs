@@ -13,7 +13,7 @@
 
 use candle_core::Tensor;
 
-use super::layers::{OpsMode, Proj};
+use super::layers::{OpsMode, Proj, Skinny};
 use super::{Attend, Llama, LoraCtx};
 use crate::engine::attention::PagedPlan;
 use crate::engine::lora::op::{apply_lora, bgmv_delta, PendingDelta, SideStream, Stacked};
@@ -29,8 +29,8 @@ pub(super) struct FusedBlock {
 }
 
 impl FusedBlock {
-    pub(super) fn with_skinny_rows(self, rows: usize) -> Self {
-        Self { qkv: self.qkv.with_skinny_rows(rows), gate_up: self.gate_up.with_skinny_rows(rows) }
+    pub(super) fn with_skinny(self, skinny: Skinny) -> Self {
+        Self { qkv: self.qkv.with_skinny(skinny), gate_up: self.gate_up.with_skinny(skinny) }
     }
 }
 
@@ -39,7 +39,7 @@ impl Llama {
     /// paged forward runs the fused layer ([`crate::engine::model::fused`]); memory stays the
     /// same (the separate projections become views). `load_model` does this on CUDA.
     pub fn with_fused_projections(mut self) -> Result<Self> {
-        let rows = self.skinny_rows;
+        let skinny = self.skinny;
         let mut fused = Vec::with_capacity(self.layers.len());
         for b in &mut self.layers {
             let (a, m) = (&mut b.self_attn, &mut b.mlp);
@@ -49,7 +49,7 @@ impl Llama {
                 let mut at = 0;
                 let mut out = Vec::with_capacity(sizes.len());
                 for &n in sizes {
-                    out.push(Proj::from_weight(w.narrow(0, at, n)?).with_skinny_rows(rows));
+                    out.push(Proj::from_weight(w.narrow(0, at, n)?).with_skinny(skinny));
                     at += n;
                 }
                 Ok(out)
@@ -61,8 +61,8 @@ impl Llama {
             let mut gu_views = split(&gate_up, &[i, i])?.into_iter();
             (m.gate_proj, m.up_proj) = (next(&mut gu_views), next(&mut gu_views));
             fused.push(FusedBlock {
-                qkv: Proj::from_weight(qkv).with_skinny_rows(rows),
-                gate_up: Proj::from_weight(gate_up).with_skinny_rows(rows),
+                qkv: Proj::from_weight(qkv).with_skinny(skinny),
+                gate_up: Proj::from_weight(gate_up).with_skinny(skinny),
             });
         }
         self.fused = fused;

@@ -175,27 +175,42 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
     }
 }
 
+/// How CUDA products of few rows (a decode step's) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Skinny {
+    /// Products of at most this many rows go through `kernels/gemv.cu` instead of cuBLAS (0:
+    /// never; at most 8). See [`crate::engine::model::DEFAULT_SKINNY_ROWS`].
+    pub rows: usize,
+    /// Launch that kernel with an early start (`kernels/pdl.cuh`): its first weights stream in
+    /// while the kernel before it is still finishing.
+    pub early_start: bool,
+}
+
+impl Skinny {
+    /// cuBLAS for every product.
+    pub const OFF: Skinny = Skinny { rows: 0, early_start: false };
+}
+
 /// A bias-free linear projection `y = x W^T`, `W: [out, in]` in the Hugging Face layout.
 #[derive(Debug, Clone)]
 pub struct Proj {
     weight: Tensor,
-    /// Products of at most this many rows on CUDA go through `kernels/gemv.cu` instead of
-    /// cuBLAS (0: never). See [`crate::engine::model::DEFAULT_SKINNY_ROWS`].
-    skinny_rows: usize,
+    /// Which CUDA products take the skinny GEMM kernel.
+    skinny: Skinny,
 }
 
 impl Proj {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, skinny_rows: 0 })
+        Ok(Self { weight: vb.get((out_dim, in_dim), "weight")?, skinny: Skinny::OFF })
     }
 
     pub fn from_weight(weight: Tensor) -> Self {
-        Self { weight, skinny_rows: 0 }
+        Self { weight, skinny: Skinny::OFF }
     }
 
-    /// Products of at most `rows` rows (at most 8) through the skinny GEMM kernel (see the field).
-    pub fn with_skinny_rows(mut self, rows: usize) -> Self {
-        self.skinny_rows = rows;
+    /// Which products take the skinny GEMM kernel (see [`Skinny`]).
+    pub fn with_skinny(mut self, skinny: Skinny) -> Self {
+        self.skinny = skinny;
         self
     }
 
@@ -208,7 +223,7 @@ impl Proj {
     /// With the skinny GEMM on, CUDA products go through [`FrozenMatmul`], whose few-row case
     /// (a decode step) is `kernels/gemv.cu` rather than cuBLAS; the gradient still reaches `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.skinny_rows > 0 && x.device().is_cuda() && x.rank() == 2 {
+        if self.skinny.rows > 0 && x.device().is_cuda() && x.rank() == 2 {
             return self.forward_frozen(x);
         }
         Ok(candle_nn::Linear::new(self.weight.clone(), None).forward(x)?)
@@ -216,7 +231,7 @@ impl Proj {
 
     /// [`Proj::forward`] whose backward skips the (frozen) weight's gradient.
     pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.contiguous()?.apply_op2(&self.weight, FrozenMatmul { skinny_rows: self.skinny_rows })?)
+        Ok(x.contiguous()?.apply_op2(&self.weight, FrozenMatmul { skinny: self.skinny })?)
     }
 }
 
@@ -226,10 +241,9 @@ impl Proj {
 /// plain `matmul` would also build a full `[out, in]` gradient for every frozen base weight
 /// (one extra GEMM per projection per step) and throw it away.
 struct FrozenMatmul {
-    /// CUDA products of at most this many rows through `kernels/gemv.cu` (read by the CUDA
-    /// forward only).
+    /// Which CUDA products take `kernels/gemv.cu` (read by the CUDA forward only).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    skinny_rows: usize,
+    skinny: Skinny,
 }
 
 impl candle_core::CustomOp2 for FrozenMatmul {
@@ -259,8 +273,8 @@ impl candle_core::CustomOp2 for FrozenMatmul {
         wl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
-        if xl.shape().dims2()?.0 <= self.skinny_rows {
-            if let Some(out) = crate::engine::cuda::gemv::try_gemv(x, xl, w, wl)? {
+        if xl.shape().dims2()?.0 <= self.skinny.rows {
+            if let Some(out) = crate::engine::cuda::gemv::try_gemv(x, xl, w, wl, self.skinny.early_start)? {
                 return Ok(out);
             }
         }

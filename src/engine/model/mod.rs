@@ -14,6 +14,7 @@ use crate::engine::kv::KvStore;
 use crate::engine::lora::op::{apply_lora, bgmv, row_slots, LoraWeights, RowGroups};
 use crate::engine::lora::{LoraModule, ProjKey};
 use crate::engine::model::config::LlamaConfig;
+pub use crate::engine::model::layers::Skinny;
 use crate::engine::model::layers::{at_least_f32, OpsMode, Proj, RmsNorm, Rope, RopeTable};
 use crate::engine::Result;
 
@@ -113,9 +114,9 @@ pub struct Llama {
     /// Attention reads and writes a paged pool in place (see [`PagedPlan`]) when the KV store
     /// has one; on by default where that path has kernels (CUDA).
     paged_kernels: bool,
-    /// Projections of at most this many rows through `kernels/gemv.cu` (see
+    /// [`Llama::with_skinny`]).
     /// [`Llama::with_skinny_rows`]).
-    skinny_rows: usize,
+    skinny: Skinny,
     /// Decode attention through the grouped-lanes kernel (see [`Llama::with_grouped_attention`]).
     grouped_attention: bool,
     /// Each layer's fused q|k|v and gate|up weights (empty: the plain layer); see
@@ -171,14 +172,14 @@ impl Llama {
                 && paged_ops::kernel_dtype(vb.dtype())
                 && cfg.head_dim <= 256
                 && cfg.num_attention_heads / cfg.num_key_value_heads <= 8,
-            skinny_rows: 0,
+            skinny: Skinny::OFF,
             grouped_attention: true,
             fused: Vec::new(),
             lora_stream: None,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         }
-        .with_skinny_rows(DEFAULT_SKINNY_ROWS))
+        .with_skinny(Skinny { rows: DEFAULT_SKINNY_ROWS, early_start: true }))
     }
 
     /// Switches between fused kernels (inference) and differentiable ops (training).
@@ -187,9 +188,8 @@ impl Llama {
         self
     }
 
-    /// Runs projections of at most `rows` rows (at most 8; 0: none) through the skinny GEMM
-    /// kernel on CUDA (see [`Proj::with_skinny_rows`]).
-    pub fn with_skinny_rows(mut self, rows: usize) -> Self {
+    /// Which CUDA projections take the skinny GEMM kernel, and how it launches (see [`Skinny`]).
+    pub fn with_skinny(mut self, skinny: Skinny) -> Self {
         for b in &mut self.layers {
             let (a, m) = (&mut b.self_attn, &mut b.mlp);
             for p in [
@@ -201,12 +201,12 @@ impl Llama {
                 &mut m.up_proj,
                 &mut m.down_proj,
             ] {
-                *p = p.clone().with_skinny_rows(rows);
+                *p = p.clone().with_skinny(skinny);
             }
         }
-        self.lm_head = self.lm_head.clone().with_skinny_rows(rows);
-        self.fused = std::mem::take(&mut self.fused).into_iter().map(|f| f.with_skinny_rows(rows)).collect();
-        self.skinny_rows = rows;
+        self.lm_head = self.lm_head.clone().with_skinny(skinny);
+        self.fused = std::mem::take(&mut self.fused).into_iter().map(|f| f.with_skinny(skinny)).collect();
+        self.skinny = skinny;
         self
     }
 
@@ -224,9 +224,9 @@ impl Llama {
         self.grouped_attention
     }
 
-    /// Rows up to which projections use the skinny GEMM kernel (0: never).
-    pub fn skinny_rows(&self) -> usize {
-        self.skinny_rows
+    /// Which projections use the skinny GEMM kernel, and how it launches.
+    pub fn skinny(&self) -> Skinny {
+        self.skinny
     }
 
     /// Forces the in-place paged attention path on or off (tests run it on the CPU, where its
