@@ -19,6 +19,9 @@
 # pdl = selftest + decode with the skinny GEMM's early start (programmatic dependent launch) vs
 # without (--no-early-start), the skinny GEMM at 4 and 8 rows, adapters 0/1/8/32 with hot loads
 # running beside the graph steps (--load-while-decoding) + the hot load, + serve smokes.
+# ab = the decode step of an older build (scratch/gpu/lab-old.xz) and of this one, alternated
+# three times in one call (no selftest: both builds were checked before), to tell a change
+# from a difference between machines.
 # Everything in $OUT also comes back as $OUT/all.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +101,18 @@ if [[ $MODE == pdl ]]; then
   run_bench skinny8 --batch 4,8 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --skinny-gemm-rows 8
   # Hot loads from page-locked images on the copy stream (issue 4/8), and what they cost the batch.
   [[ $LORA_OK == 1 ]] && run_bench lora-loads --batch 1,32 --adapters 0,1,8,32 --prompt-len 512 --decode-steps 32 --repeats 5 --load-while-decoding
+fi
+
+if [[ $MODE == ab ]]; then
+  xz -dc -T0 scratch/gpu/lab-old.xz > /tmp/lab-gpu/lab-old && chmod +x /tmp/lab-gpu/lab-old
+  NEW=$LAB
+  for i in 1 2 3; do
+    for which in old new; do
+      if [[ $which == old ]]; then LAB=/tmp/lab-gpu/lab-old; else LAB=$NEW; fi
+      run_bench "ab-$which-$i" --batch 1,32 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5
+    done
+  done
+  LAB=$NEW
 fi
 
 if [[ $MODE == lora-profile ]]; then
