@@ -16,11 +16,11 @@
 # LORA128=0 skips batch 128, PROFILE=1 adds the LoRA profile;
 # fused = selftest + decode with the fused layer vs the plain one (--no-fused-layers), base and
 # 0/1/8/32 adapters, a 4096-token prefill (PREFILL=0 skips), + serve smoke.
-# pdl = selftest + decode with the skinny GEMM's early start (programmatic dependent launch) vs
-# without (--no-early-start), the skinny GEMM at 4 and 8 rows, adapters 0/1/8/32 with hot loads
+# pdl = selftest + decode with the skinny GEMM's early start (programmatic dependent launch,
+# --early-start) vs without, the skinny GEMM at 4 and 8 rows, adapters 0/1/8/32 with hot loads
 # running beside the graph steps (--load-while-decoding) + the hot load, + serve smokes.
 # ab = the decode step of an older build (scratch/gpu/lab-old.xz) and of this one, alternated
-# three times in one call (no selftest: both builds were checked before), to tell a change
+# AB_ROUNDS times (3) in one call (SELFTEST=1: this build's selftest first), to tell a change
 # from a difference between machines.
 # Everything in $OUT also comes back as $OUT/all.tgz.
 set -uo pipefail
@@ -96,8 +96,8 @@ fi
 
 if [[ $MODE == pdl ]]; then
   # Early start of the skinny GEMM (issue 3/8), in one call against a plain launch.
-  run_bench early --batch 1,8,32 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
-  run_bench plain-launch --batch 1,8,32 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --no-early-start
+  run_bench early --batch 1,8,32 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --early-start
+  run_bench plain-launch --batch 1,8,32 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --stock-candle --profile
   run_bench skinny8 --batch 4,8 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5 --skinny-gemm-rows 8
   # Hot loads from page-locked images on the copy stream (issue 4/8), and what they cost the batch.
   [[ $LORA_OK == 1 ]] && run_bench lora-loads --batch 1,32 --adapters 0,1,8,32 --prompt-len 512 --decode-steps 32 --repeats 5 --load-while-decoding
@@ -106,7 +106,8 @@ fi
 if [[ $MODE == ab ]]; then
   xz -dc -T0 scratch/gpu/lab-old.xz > /tmp/lab-gpu/lab-old && chmod +x /tmp/lab-gpu/lab-old
   NEW=$LAB
-  for i in 1 2 3; do
+  [[ ${SELFTEST:-0} == 1 ]] && { log "lab selftest --device cuda"; $LAB selftest --device cuda > "$OUT/selftest.txt" 2>&1; echo "rc=$?" >> "$OUT/selftest.txt"; tail -2 "$OUT/selftest.txt"; }
+  for i in $(seq 1 ${AB_ROUNDS:-3}); do
     for which in old new; do
       if [[ $which == old ]]; then LAB=/tmp/lab-gpu/lab-old; else LAB=$NEW; fi
       run_bench "ab-$which-$i" --batch 1,32 --adapters 0 --prompt-len 512 --decode-steps 32 --repeats 5

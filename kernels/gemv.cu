@@ -15,8 +15,10 @@
 // L1 traffic stays at M / NPW times the DRAM traffic). The lane sums go through a fixed
 // butterfly, so y[m, n] is summed in the same order whatever M is: a row's result does not
 // depend on how many rows share the step (cuBLAS picks other kernels, and roundings, per M).
-// Launched with an early start (pdl.cuh), the first pass of weights is requested before the
-// kernel that produces x has finished.
+// With an early start (pdl.cuh, opt-in: it measured no faster on the H200) the kernel may be
+// scheduled before the one that writes x has finished; it waits for it before any load. (A
+// version that requested its first weights before waiting, double-buffering the rest, took the
+// one-row decode graph step from 4.81 to 5.03 ms: twice the registers, half the occupancy.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -48,34 +50,10 @@ __device__ __forceinline__ void unpack8(const uint4& u, float* f, const __half*)
 }
 
 
-// The UNROLL x NPW weight runs of one pass at run index r0 (zeros past the row).
-template <int NPW>
-__device__ __forceinline__ void load_pass(uint4 (&wv)[UNROLL][NPW], const uint4* const (&wr)[NPW], uint32_t r0,
-                                          uint32_t runs) {
-#pragma unroll
-    for (int u = 0; u < UNROLL; u++) {
-        const uint32_t r = r0 + 32 * u;
-#pragma unroll
-        for (int j = 0; j < NPW; j++) wv[u][j] = r < runs ? __ldcs(wr[j] + r) : make_uint4(0, 0, 0, 0);
-    }
-}
-
 template <typename T, int M, int NPW>
 __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w, uint32_t N, uint32_t K) {
     const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint32_t n0 = (blockIdx.x * WARPS + warp) * NPW;
-    const uint4* wr[NPW];
-#pragma unroll
-    for (int j = 0; j < NPW; j++) {
-        const uint32_t n = min(n0 + j, N - 1);  // past N: a duplicate column, never written
-        wr[j] = reinterpret_cast<const uint4*>(w + (size_t)n * K);
-    }
-    const uint32_t runs = K / 8;  // 16-byte runs per row
-    // The first pass's weights are loaded before waiting for the kernel that writes x (see
-    // pdl.cuh): under an early start they stream in while that kernel finishes. Each later pass
-    // is loaded before the previous one is summed, so UNROLL x NPW runs per lane stay in flight.
-    uint4 wv[UNROLL][NPW];
-    if (n0 < N) load_pass<NPW>(wv, wr, lane, runs);
     pdl_wait();
     pdl_trigger();
     if (n0 >= N) return;
@@ -84,10 +62,21 @@ __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __rest
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int j = 0; j < NPW; j++) acc[m][j] = 0.f;
+    const uint4* wr[NPW];
+#pragma unroll
+    for (int j = 0; j < NPW; j++) {
+        const uint32_t n = min(n0 + j, N - 1);  // past N: a duplicate column, never written
+        wr[j] = reinterpret_cast<const uint4*>(w + (size_t)n * K);
+    }
+    const uint32_t runs = K / 8;  // 16-byte runs per row
     for (uint32_t r0 = lane; r0 < runs; r0 += 32 * UNROLL) {
-        uint4 next[UNROLL][NPW];
-        const uint32_t r1 = r0 + 32 * UNROLL;
-        if (r1 < runs) load_pass<NPW>(next, wr, r1, runs);
+        uint4 wv[UNROLL][NPW];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const uint32_t r = r0 + 32 * u;
+#pragma unroll
+            for (int j = 0; j < NPW; j++) wv[u][j] = r < runs ? __ldcs(wr[j] + r) : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             const uint32_t r = r0 + 32 * u;
@@ -105,10 +94,6 @@ __device__ void gemv(T* __restrict__ y, const T* __restrict__ x, const T* __rest
                 }
             }
         }
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++)
-#pragma unroll
-            for (int j = 0; j < NPW; j++) wv[u][j] = next[u][j];
     }
 #pragma unroll
     for (int m = 0; m < M; m++)

@@ -5,11 +5,10 @@
 // src/engine/cuda/pdl.rs) may start once every block of the kernel before it has called
 // pdl_trigger() (or exited), instead of when that kernel has finished. Until its pdl_wait()
 // returns, it must touch no memory an earlier kernel writes or reads (the skinny GEMM only
-// loads its weights, which nothing writes); pdl_wait() returns once every earlier kernel has
-// finished and its writes are visible. Kernels that precede a skinny GEMM call pdl_trigger()
-// first thing: a decode step's small kernels (RoPE, attention, norms) then run while the
-// GEMM's first weight loads are already in flight. In a kernel launched without the attribute
-// both are no-ops, and so is pdl_trigger() when the next kernel is launched without it.
+// waits first thing); pdl_wait() returns once every earlier kernel has finished and its writes
+// are visible. Kernels that precede a skinny GEMM call pdl_trigger() first thing. In a kernel
+// launched without the attribute both are no-ops, and so is pdl_trigger() when the next kernel
+// is launched without it. Opt-in (src/engine/cuda/pdl.rs says why).
 #pragma once
 
 __device__ __forceinline__ void pdl_wait() {

@@ -57,9 +57,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let skinny = loaded.model.skinny();
         loaded.model = loaded.model.with_skinny(Skinny { rows, ..skinny });
     }
-    if args.no_early_start {
+    if args.early_start {
         let skinny = loaded.model.skinny();
-        loaded.model = loaded.model.with_skinny(Skinny { early_start: false, ..skinny });
+        loaded.model = loaded.model.with_skinny(Skinny { early_start: true, ..skinny });
     }
     if args.no_grouped_attention {
         loaded.model = loaded.model.with_grouped_attention(false);

@@ -29,8 +29,8 @@ fn columns_per_warp(m: usize) -> u32 {
 
 /// `x: [M, K]` times `w: [N, K]` transposed, when the kernel applies (M <= 8, bf16 or f16,
 /// both contiguous, K a multiple of 8 and both 16-byte aligned); `None` otherwise. With
-/// `early_start`, the kernel may start loading its weights before the kernel that writes `x`
-/// has finished (see [`super::pdl`]).
+/// `early_start`, the kernel may be scheduled before the kernel that writes `x` has finished
+/// (see [`super::pdl`]).
 pub fn try_gemv(
     x: &CudaStorage,
     xl: &Layout,

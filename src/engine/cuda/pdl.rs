@@ -6,9 +6,12 @@
 //! every small kernel and every launch gap. Launched with the programmatic-stream-serialization
 //! attribute, it may start as soon as every block of the kernel before has called
 //! `griddepcontrol.launch_dependents` (`kernels/pdl.cuh`); its own `griddepcontrol.wait` then
-//! holds back everything that reads what that kernel writes. The skinny GEMM requests its
-//! first pass of weights before that wait. Inside a captured CUDA graph the attribute becomes a
-//! programmatic edge, so replays overlap the same way.
+//! holds back everything that reads what that kernel writes. Inside a captured CUDA graph the
+//! attribute should become a programmatic edge.
+//!
+//! Measured on the H200 (BENCHMARKS.md, session 8): no faster inside decode graphs (likely the
+//! allocation node candle's per-op output puts between the two kernels), so it is opt-in
+//! (`Skinny::early_start`, `lab bench --early-start`).
 
 use std::ffi::c_void;
 

@@ -181,8 +181,8 @@ pub struct Skinny {
     /// Products of at most this many rows go through `kernels/gemv.cu` instead of cuBLAS (0:
     /// never; at most 8). See [`crate::engine::model::DEFAULT_SKINNY_ROWS`].
     pub rows: usize,
-    /// Launch that kernel with an early start (`kernels/pdl.cuh`): its first weights stream in
-    /// while the kernel before it is still finishing.
+    /// Launch that kernel with an early start (`kernels/pdl.cuh`: it may be scheduled while the
+    /// kernel before it finishes). Off by default: no faster in the H200's decode graphs.
     pub early_start: bool,
 }
 

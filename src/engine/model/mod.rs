@@ -179,7 +179,7 @@ impl Llama {
             dtype: vb.dtype(),
             device: vb.device().clone(),
         }
-        .with_skinny(Skinny { rows: DEFAULT_SKINNY_ROWS, early_start: true }))
+        .with_skinny(Skinny { rows: DEFAULT_SKINNY_ROWS, early_start: false }))
     }
 
     /// Switches between fused kernels (inference) and differentiable ops (training).
