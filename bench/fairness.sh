@@ -6,8 +6,9 @@
 # under ${OUT:-bench/out/fairness}.
 #   bash bench/fairness.sh ADAPTER_DIR [QUIET_QPS_EACH] [SECONDS]
 # SERVE_FLAGS adds serve flags (e.g. "--max-num-seqs 8": a bounded running set, so a queue
-# forms under overload and the admission order decides who runs). CAP=N adds a fourth run:
-# fair with --max-running-per-tenant N (headroom the quiet tenants find free on arrival).
+# forms under overload and the admission order decides who runs). CAP=N adds a run: fair with
+# --max-running-per-tenant N (headroom the quiet tenants find free on arrival). PREEMPT=1 adds
+# a run: fair with --fair-preemption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ADAPTER=${1:?usage: bash bench/fairness.sh ADAPTER_DIR [QUIET_QPS_EACH] [SECONDS]}
@@ -35,6 +36,9 @@ all=$(python3 -c "print(round(14 * $Q, 4))")
 run quiet-alone fcfs q1,q2,q3,q4 "$quiet" --mix uniform
 run fcfs fcfs q1,q2,q3,q4,noisy "$all" --mix weights:noisy=10
 run fair fair q1,q2,q3,q4,noisy "$all" --mix weights:noisy=10
+if [[ ${PREEMPT:-0} == 1 ]]; then
+  RUN_FLAGS="--fair-preemption" run fair-preempt fair q1,q2,q3,q4,noisy "$all" --mix weights:noisy=10
+fi
 if [[ -n ${CAP:-} ]]; then
   RUN_FLAGS="--max-running-per-tenant $CAP" run "fair-cap$CAP" fair q1,q2,q3,q4,noisy "$all" --mix weights:noisy=10
 fi

@@ -168,6 +168,12 @@ pub struct ServeArgs {
     /// Running sequences of one tenant (`x-tenant-id`, else `user`, else the model) at most.
     #[arg(long, value_parser = count(1..=65_536))]
     pub max_running_per_tenant: Option<usize>,
+    /// Under `--scheduling-policy fair`, with every running place taken, a request of a tenant
+    /// running fewer than its share (`--max-num-seqs` / tenants with work) preempts the newest
+    /// request of the tenant furthest above its share (recomputed later). Quiet tenants then
+    /// wait one step, not for a noisy response to end; the price is the victims' recompute.
+    #[arg(long)]
+    pub fair_preemption: bool,
     /// Seconds a client has to send a request's line and headers (from its first byte), and
     /// again its body (after the headers); the connection is closed (or the request gets a
     /// 400) past it.

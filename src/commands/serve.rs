@@ -92,6 +92,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             max_wait_steps: args.max_wait_steps,
             policy: args.scheduling_policy,
             max_running_per_tenant: args.max_running_per_tenant,
+            fair_preemption: args.fair_preemption,
         },
         kv_blocks,
         block_size: args.block_size,

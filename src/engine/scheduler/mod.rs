@@ -18,12 +18,16 @@
 //!    the others.
 //!
 //! With `--scheduling-policy fair`, step 2 orders the waiting requests by their tenant's
-//! service instead of arrival ([`fair`]: the Virtual Token Counter), after the starving ones;
-//! `--max-running-per-tenant` caps one tenant's running sequences under either policy.
+//! service instead of arrival ([`fair`]: the Virtual Token Counter), after the starving ones,
+//! and with `--fair-preemption`, when every running place is taken, a request of a tenant
+//! running fewer than its share
+//! (`max_num_seqs` / tenants with work) preempts the newest sequence of the tenant furthest
+//! above its share; `--max-running-per-tenant` caps one tenant's running sequences under
+//! either policy.
 
 pub mod fair;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use fair::{Policy, TokenCounters};
 
@@ -40,6 +44,9 @@ pub struct SchedulerConfig {
     pub policy: Policy,
     /// Running sequences of one tenant at most (`None`: no cap).
     pub max_running_per_tenant: Option<usize>,
+    /// Under `fair`, a tenant below its share of the running places may preempt one above it
+    /// (`--fair-preemption`; see [`Scheduler::victim_for`]).
+    pub fair_preemption: bool,
 }
 
 /// What a step may use: KV blocks and adapter slots.
@@ -341,12 +348,32 @@ impl Scheduler {
         // each step and the starving request waits for ever.
         let mut slots_held_for_starving = false;
         let mut order = self.admission_order(res);
+        let fair = self.cfg.policy == Policy::Fair;
+        let preemptive = fair && self.cfg.fair_preemption;
+        let share = if preemptive { self.fair_share() } else { 0 };
+        // Tenants found at or above their share while every place was taken (skipped after).
+        let mut at_share: BTreeSet<String> = BTreeSet::new();
         let mut next = 0;
         while next < order.len() {
             let id = order[next];
             next += 1;
-            if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 {
+            if *budget == 0 {
                 break;
+            }
+            // Every place taken: stop, unless `--fair-preemption` makes room for a tenant below
+            // its share by preempting one above it (after the request's adapter slot is
+            // granted, so a request that cannot run yet preempts nobody).
+            let mut victim = None;
+            if self.running.len() >= self.cfg.max_num_seqs {
+                if !preemptive {
+                    break;
+                }
+                let tenant = &self.seqs[&id].tenant;
+                victim = if at_share.contains(tenant) { None } else { self.victim_for(tenant, share) };
+                if victim.is_none() {
+                    at_share.insert(tenant.clone());
+                    continue;
+                }
             }
             let seq = &self.seqs[&id];
             let (adapter, pinned) = (seq.adapter.clone(), seq.slot);
@@ -372,6 +399,13 @@ impl Scheduler {
                     continue;
                 }
             };
+            if let Some(v) = victim {
+                if let Some(i) = plan.batch.iter().position(|c| c.id == v) {
+                    *budget += plan.batch.remove(i).tokens.len();
+                }
+                self.preempt(v, res);
+                plan.preempted.push(v);
+            }
             let len = self.seqs[&id].tokens.len();
             let cached = res.attach_prefix(id, &self.seqs[&id].tokens, slot);
             let n = (len - cached).min(*budget);
@@ -403,6 +437,44 @@ impl Scheduler {
             }
         }
         admitted
+    }
+}
+
+impl Scheduler {
+    /// Running places per tenant with work (running or waiting) if the places were split
+    /// evenly, at least one.
+    fn fair_share(&self) -> usize {
+        let tenants: BTreeSet<&str> =
+            self.running.iter().chain(self.waiting.iter()).map(|id| tenant_of(&self.seqs[id])).collect();
+        (self.cfg.max_num_seqs / tenants.len().max(1)).max(1)
+    }
+
+    /// Under `fair` with every running place taken: when `tenant` runs fewer sequences than
+    /// `share`, the newest sequence of the tenant furthest above it (the most running, then the
+    /// most served) among those served at least as much as `tenant`, to preempt for it.
+    ///
+    /// Without this a quiet tenant's request waits until one of the noisy tenant's running
+    /// responses ends, however fair the admission order (measured on the CPU: the quiet
+    /// tenants' P99 TTFT 2.1-2.95x their P99 alone). The victim recomputes later (its prompt
+    /// blocks usually still in the prefix cache); a tenant at or below its share, or served
+    /// less than the one asking, is never a victim, so tenants cannot preempt each other back
+    /// and forth (nor a request admitted this step be preempted by a more-served one).
+    fn victim_for(&self, tenant: &str, share: usize) -> Option<SeqId> {
+        let running = self.running_per_tenant();
+        if running.get(tenant).copied().unwrap_or(0) >= share {
+            return None;
+        }
+        let own = self.service.get(tenant);
+        let over = running
+            .iter()
+            .filter(|(t, n)| **n > share && t.as_str() != tenant && self.service.get(t) >= own)
+            .max_by_key(|(t, n)| (**n, self.service.get(t).to_bits()))
+            .map(|(t, _)| t.clone())?;
+        self.running
+            .iter()
+            .filter(|id| tenant_of(&self.seqs[id]) == over)
+            .max_by_key(|id| self.seqs[id].arrival)
+            .copied()
     }
 }
 

@@ -82,6 +82,7 @@ fn cfg(seqs: usize, tokens: usize) -> SchedulerConfig {
         max_wait_steps: 3,
         policy: Policy::Fcfs,
         max_running_per_tenant: None,
+        fair_preemption: false,
     }
 }
 
@@ -375,4 +376,56 @@ fn the_tenant_given_at_add_is_what_the_cap_and_the_fair_counters_see() {
     let p = step(&mut s, &mut res);
     let ids: Vec<SeqId> = p.batch.iter().map(|c| c.id).collect();
     assert_eq!(ids, vec![4, 3], "the less-served tenant first, though it arrived later");
+}
+
+#[test]
+fn with_fair_preemption_a_tenant_below_its_share_preempts_the_one_furthest_above_it() {
+    // Two places, both held by the noisy tenant; a quiet request arrives.
+    for (policy, fair_preemption) in [(Policy::Fcfs, true), (Policy::Fair, false), (Policy::Fair, true)] {
+        let mut res = Fake::new(1000, 4);
+        let mut s = Scheduler::new(SchedulerConfig { policy, fair_preemption, ..cfg(2, 64) });
+        s.add(0, vec![1; 8], Some("noisy".into()));
+        s.add(1, vec![1; 8], Some("noisy".into()));
+        step(&mut s, &mut res);
+        step(&mut s, &mut res);
+        s.add(100, vec![1; 8], Some("quiet".into()));
+        let p = step(&mut s, &mut res);
+        let ids: BTreeSet<SeqId> = p.batch.iter().map(|c| c.id).collect();
+        if policy == Policy::Fcfs || !fair_preemption {
+            assert_eq!((ids, p.preempted), ([0, 1].into(), vec![]), "{policy:?}: the quiet request waits");
+            continue;
+        }
+        assert_eq!(p.preempted, vec![1], "the noisy tenant's newest goes");
+        assert_eq!(ids, [0, 100].into(), "its place goes to the quiet request this step");
+        assert_eq!(res.held.get(&1), None, "the victim's KV is freed");
+        // One each now (the share of two tenants on two places): nobody preempts anybody.
+        s.add(2, vec![1; 8], Some("noisy".into()));
+        s.add(101, vec![1; 8], Some("quiet".into()));
+        for _ in 0..3 {
+            assert!(step(&mut s, &mut res).preempted.is_empty(), "at their shares, no preemption");
+        }
+        // The victim comes back when places free, recomputing its prompt and its tokens.
+        for id in [0, 100, 101] {
+            s.finish(id, &mut res);
+        }
+        let p = step(&mut s, &mut res);
+        let back = p.batch.iter().find(|c| c.id == 1).expect("the victim is re-admitted");
+        assert_eq!((back.past, back.tokens.len()), (0, 10), "8 prompt + 2 sampled tokens");
+    }
+}
+
+#[test]
+fn with_fair_preemption_a_request_that_cannot_run_yet_preempts_nobody() {
+    let mut res = Fake::new(1000, 1);
+    let mut s = Scheduler::new(SchedulerConfig { fair_preemption: true, ..fair(2, 64) });
+    s.add(0, vec![1; 8], None);
+    s.add(1, vec![1; 8], None);
+    step(&mut s, &mut res);
+    // Its adapter is still loading: no slot, so no place is taken from the base tenant.
+    res.loading.insert("quiet".into());
+    s.add(100, vec![1; 8], Some("quiet".into()));
+    for _ in 0..3 {
+        let p = step(&mut s, &mut res);
+        assert!(p.preempted.is_empty() && p.batch.len() == 2, "{p:?}");
+    }
 }
